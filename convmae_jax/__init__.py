@@ -1,0 +1,3 @@
+"""convmae-jax: ConvMAE (masked convolution meets masked autoencoders) in JAX/Flax NNX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,165 @@
+"""Model configurations: one dataclass per model family and the size table.
+
+Every grid is derived from `img_size` and `patch_sizes`; nothing assumes 224 pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DWCONV_IMPLS = ("auto", "shift", "lax")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Fields shared by the pretraining model and the classifier.
+
+  img_size: input height = width in pixels; must be a multiple of prod(patch_sizes).
+  patch_sizes: stride of patch_embed1/2/3 (official (4, 2, 2): stage grids at strides 4, 8, 16).
+  embed_dims / depths / mlp_ratios: per stage (stages 1–2 conv blocks, stage 3 transformer).
+  num_heads: attention heads of stage 3.
+  dtype: compute dtype, "float32" or "bfloat16" (parameters, LayerNorm, softmax, loss stay float32).
+  dwconv_impl: depthwise conv implementation: "shift" (fast on CPU), "lax" (grouped conv, fast on
+    GPU/TPU) or "auto" (picks by backend). All give the same function.
+  """
+  img_size: int = 224
+  in_chans: int = 3
+  patch_sizes: tuple[int, int, int] = (4, 2, 2)
+  embed_dims: tuple[int, int, int] = (256, 384, 768)
+  depths: tuple[int, int, int] = (2, 2, 11)
+  num_heads: int = 12
+  mlp_ratios: tuple[float, float, float] = (4.0, 4.0, 4.0)
+  dtype: str = "float32"
+  dwconv_impl: str = "auto"
+
+  @property
+  def total_stride(self) -> int:
+    return math.prod(self.patch_sizes)
+
+  @property
+  def grid_sizes(self) -> tuple[int, int, int]:
+    """Side of the stage-1, stage-2 and stage-3 (token) grids."""
+    p1, p2, p3 = self.patch_sizes
+    return (self.img_size // p1, self.img_size // (p1 * p2), self.img_size // (p1 * p2 * p3))
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid_sizes[2] ** 2
+
+  @property
+  def jnp_dtype(self):
+    return _DTYPES[self.dtype]
+
+  def validate(self) -> None:
+    """Raises ValueError naming the bad value and what is accepted."""
+    for name in ("patch_sizes", "embed_dims", "depths", "mlp_ratios"):
+      value = getattr(self, name)
+      if len(value) != 3:
+        raise ValueError(f"{name} must have 3 entries (one per stage), got {value!r}")
+    if any(int(p) < 1 for p in self.patch_sizes):
+      raise ValueError(f"patch_sizes must be positive, got {self.patch_sizes}")
+    stride = self.total_stride
+    if not isinstance(self.img_size, int) or self.img_size <= 0 or self.img_size % stride:
+      lower = (int(self.img_size) // stride) * stride if isinstance(self.img_size, (int, float)) else 0
+      near = [v for v in (lower, lower + stride) if v > 0]
+      raise ValueError(
+          f"img_size {self.img_size!r} is not a positive multiple of the total patch stride {stride} "
+          f"(patch_sizes {tuple(self.patch_sizes)}); nearest accepted: {near}")
+    if self.in_chans < 1:
+      raise ValueError(f"in_chans must be >= 1, got {self.in_chans}")
+    if self.embed_dims[2] % self.num_heads:
+      raise ValueError(f"embed_dims[2]={self.embed_dims[2]} is not divisible by num_heads={self.num_heads}")
+    if self.embed_dims[2] % 4:
+      raise ValueError(f"embed_dims[2]={self.embed_dims[2]} must be a multiple of 4 (2-D sin-cos embedding)")
+    if self.dtype not in _DTYPES:
+      raise ValueError(f"dtype {self.dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+    if self.dwconv_impl not in _DWCONV_IMPLS:
+      raise ValueError(f"dwconv_impl {self.dwconv_impl!r} is not one of {_DWCONV_IMPLS}")
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-able kwargs: `type(cfg)(**cfg.to_dict())` rebuilds it."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvMAEConfig(EncoderConfig):
+  """Pretraining model. decoder_mlp_ratio None = mlp_ratios[0] (the official rule).
+
+  mask_ratio: fraction of tokens removed, in (0, 1); visible = int(L·(1 − mask_ratio)).
+  norm_pix_loss: regress per-patch normalized pixels (the documented recipe; official code default
+    is False).
+  """
+  decoder_embed_dim: int = 512
+  decoder_depth: int = 8
+  decoder_num_heads: int = 16
+  decoder_mlp_ratio: float | None = None
+  mask_ratio: float = 0.75
+  norm_pix_loss: bool = True
+
+  def validate(self) -> None:
+    super().validate()
+    if not 0.0 < float(self.mask_ratio) < 1.0:
+      raise ValueError(f"mask_ratio {self.mask_ratio!r} must lie strictly between 0 and 1")
+    if int(self.num_patches * (1 - self.mask_ratio)) < 1:
+      raise ValueError(f"mask_ratio {self.mask_ratio} leaves no visible token of {self.num_patches}")
+    if self.decoder_embed_dim % self.decoder_num_heads or self.decoder_embed_dim % 4:
+      raise ValueError(
+          f"decoder_embed_dim {self.decoder_embed_dim} must be divisible by decoder_num_heads "
+          f"{self.decoder_num_heads} and by 4")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvViTConfig(EncoderConfig):
+  """Classifier. global_pool: mean of stage-3 tokens → fc_norm → head (True, official fine-tune
+  default) or norm → first token → head (False). drop_path_rate is spread linearly over all blocks.
+  """
+  num_classes: int = 1000
+  global_pool: bool = True
+  drop_path_rate: float = 0.1
+
+  def validate(self) -> None:
+    super().validate()
+    if self.num_classes < 1:
+      raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+    if not 0.0 <= self.drop_path_rate < 1.0:
+      raise ValueError(f"drop_path_rate {self.drop_path_rate} must lie in [0, 1)")
+
+
+# Encoder sizes. Base is the only official size; the others follow the third-party/ConvMAE-v2
+# tables (reference spec §10.2); tiny exists for tests and demos.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(embed_dims=(32, 48, 64), depths=(1, 1, 2), num_heads=4, mlp_ratios=(4.0, 4.0, 4.0)),
+    "small": dict(embed_dims=(128, 256, 384), depths=(2, 2, 11), num_heads=6,
+                  mlp_ratios=(4.0, 4.0, 4.0)),
+    "base": dict(embed_dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12,
+                 mlp_ratios=(4.0, 4.0, 4.0)),
+    "large": dict(embed_dims=(384, 768, 1024), depths=(2, 2, 23), num_heads=16,
+                  mlp_ratios=(8.0, 8.0, 4.0)),
+    "huge": dict(embed_dims=(768, 1024, 1280), depths=(2, 2, 31), num_heads=16,
+                 mlp_ratios=(8.0, 8.0, 4.0)),
+}
+DECODER_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4),
+    **{s: dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+       for s in ("small", "base", "large", "huge")},
+}
+
+
+def make_config(cls, defaults: dict[str, Any], overrides: dict[str, Any]):
+  """Builds and validates `cls(**defaults, **overrides)`, refusing unknown fields by name."""
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise TypeError(f"unknown {cls.__name__} field(s) {unknown}; accepted: {sorted(fields)}")
+  kwargs = {**defaults, **overrides}
+  for name in ("patch_sizes", "embed_dims", "depths", "mlp_ratios"):
+    if name in kwargs:
+      kwargs[name] = tuple(kwargs[name])
+  cfg = cls(**kwargs)
+  cfg.validate()
+  return cfg

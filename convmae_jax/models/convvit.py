@@ -1,0 +1,104 @@
+"""ConvViT: the ConvMAE encoder as an image classifier (fine-tuning, linear probing) and a
+multi-scale feature extractor (stride 4, 8 and 16 maps for dense prediction).
+
+Differs from the pretraining encoder as the official one does: no mask, no stage-1/2 decode
+features, a trainable position embedding, drop path over all blocks, and a pooled head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from convmae_jax.models import layers
+from convmae_jax.models.config import ConvViTConfig
+
+
+def _normal_002(fan_in: int, fan_out: int):
+  del fan_in, fan_out
+  return layers.normal(0.02)  # timm's trunc_normal(0.02) truncates at ±2 absolute: a plain normal
+
+
+def drop_path_rates(depths, rate: float) -> list[float]:
+  """linspace(0, rate, sum(depths)) over all blocks in order (stage 1, 2, then 3)."""
+  return [float(r) for r in np.linspace(0.0, rate, int(sum(depths)))]
+
+
+class ConvViT(nnx.Module):
+  """Classifier. `logits = model(images)`; `model.features(images)` for the stage maps.
+
+  Drop path is active until `model.eval()`; its randomness comes from the `dropout` stream.
+  """
+
+  def __init__(self, config: ConvViTConfig, *, rngs: nnx.Rngs):
+    config.validate()
+    self.config = config
+    dt = config.jnp_dtype
+    impl = config.dwconv_impl
+    (p1, p2, p3), (c1, c2, d) = config.patch_sizes, config.embed_dims
+    r1, r2, r3 = config.mlp_ratios
+    n1, n2, _ = config.depths
+    dpr = drop_path_rates(config.depths, config.drop_path_rate)
+
+    self.patch_embed1 = layers.PatchEmbed(config.in_chans, c1, p1, dtype=dt, rngs=rngs)
+    self.blocks1 = nnx.List([layers.CBlock(c1, r1, drop_path=dpr[i], dwconv_impl=impl, dtype=dt,
+                                           rngs=rngs) for i in range(n1)])
+    self.patch_embed2 = layers.PatchEmbed(c1, c2, p2, dtype=dt, rngs=rngs)
+    self.blocks2 = nnx.List([layers.CBlock(c2, r2, drop_path=dpr[n1 + i], dwconv_impl=impl,
+                                           dtype=dt, rngs=rngs) for i in range(n2)])
+    self.patch_embed3 = layers.PatchEmbed(c2, d, p3, dtype=dt, rngs=rngs)
+    self.patch_embed4 = layers.Linear(d, d, kernel_init=layers.normal(0.02), dtype=dt, rngs=rngs)
+    self.pos_embed = nnx.Param(layers.normal(0.02)(rngs.params(), (1, config.num_patches, d)))
+    self.blocks3 = nnx.List([
+        layers.Block(d, config.num_heads, r3, kernel_init=_normal_002, drop_path=dpr[n1 + n2 + i],
+                     dtype=dt, rngs=rngs) for i in range(config.depths[2])])
+    if config.global_pool:
+      self.fc_norm = layers.LayerNorm(d, 1e-6, dtype=dt)
+    else:
+      self.norm = layers.LayerNorm(d, 1e-6, dtype=dt)
+    self.head = layers.Linear(d, config.num_classes, kernel_init=layers.normal(0.02), dtype=dt,
+                              rngs=rngs)
+
+  def _check_inputs(self, images: jax.Array) -> None:
+    cfg = self.config
+    expected = (cfg.img_size, cfg.img_size, cfg.in_chans)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+      raise ValueError(f"images must be (N, {cfg.img_size}, {cfg.img_size}, {cfg.in_chans}) NHWC "
+                       f"for this model (img_size={cfg.img_size}), got {tuple(images.shape)}")
+
+  def features(self, images: jax.Array) -> dict[str, jax.Array]:
+    """Stage outputs: {"stride4": (N,g1,g1,C1), "stride8": (N,g2,g2,C2), "stride16": (N,g3,g3,D)}.
+
+    The stride-16 map is the transformer output before any norm (as the detection and
+    segmentation backbones use it).
+    """
+    self._check_inputs(images)
+    x = self.patch_embed1(images.astype(self.config.jnp_dtype))
+    for blk in self.blocks1:
+      x = blk(x)
+    f4 = x
+    x = self.patch_embed2(x)
+    for blk in self.blocks2:
+      x = blk(x)
+    f8 = x
+    x = self.patch_embed3(x)
+    n, g, _, d = x.shape
+    x = self.patch_embed4(x.reshape(n, g * g, d)) + self.pos_embed[...].astype(x.dtype)
+    for blk in self.blocks3:
+      x = blk(x)
+    return {"stride4": f4, "stride8": f8, "stride16": x.reshape(n, g, g, d)}
+
+  def pooled(self, images: jax.Array) -> jax.Array:
+    """The (N, D) representation that feeds the head."""
+    x = self.features(images)["stride16"]
+    n, g, _, d = x.shape
+    x = x.reshape(n, g * g, d)
+    if self.config.global_pool:
+      return self.fc_norm(jnp.mean(x.astype(jnp.float32), axis=1))
+    return self.norm(x)[:, 0]
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """images (N, S, S, C) normalized NHWC → logits (N, num_classes) float32."""
+    return self.head(self.pooled(images)).astype(jnp.float32)

@@ -1,0 +1,313 @@
+"""Building blocks of ConvMAE / ConvViT, NHWC throughout.
+
+Numerics follow the official PyTorch model (see README, "Parity"): exact-erf GELU, LayerNorm with a
+two-pass biased variance computed in float32, eps 1e-5 in patch embeddings and conv blocks and 1e-6
+in transformer blocks. Parameters are float32; `dtype` is the compute dtype of matmuls and convs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+
+
+class FrozenPosEmbed(nnx.Variable):
+  """A fixed (not trained) position embedding. Kept as state so checkpoints round-trip exactly,
+  but outside `nnx.Param`, so optimizers built with `wrt=nnx.Param` never see it."""
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU written as 0.5·x·(1+erf(x/√2)) (the erfc-based jax.nn.gelu is slower on XLA:CPU)."""
+  return 0.5 * x * (1.0 + lax.erf(x * _INV_SQRT2))
+
+
+# ------------------------------------------------------------------------------------------------
+# Initializers matching the PyTorch ones in distribution.
+# ------------------------------------------------------------------------------------------------
+
+def uniform(bound: float) -> Initializer:
+  """U(-bound, bound)."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def torch_default(fan_in: int) -> Initializer:
+  """PyTorch's default Conv2d/Linear init: kaiming_uniform(a=√5) == U(±1/√fan_in), same for bias."""
+  return uniform(1.0 / math.sqrt(fan_in))
+
+
+def xavier_uniform(fan_in: int, fan_out: int) -> Initializer:
+  """U(±√(6/(fan_in+fan_out))) with fans given explicitly (PyTorch's 2-D view of the weight)."""
+  return uniform(math.sqrt(6.0 / (fan_in + fan_out)))
+
+
+def normal(std: float) -> Initializer:
+  def init(key, shape, dtype=jnp.float32):
+    return std * jax.random.normal(key, shape, dtype)
+  return init
+
+
+def zeros(key, shape, dtype=jnp.float32):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Primitive layers.
+# ------------------------------------------------------------------------------------------------
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, computed in float32, output in the compute dtype."""
+
+  def __init__(self, dim: int, eps: float, *, dtype=jnp.float32):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centered = x - mean
+    var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+    y = centered * lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    return y.astype(self.dtype)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias with kernel (in, out). Also serves as 1×1 conv on NHWC maps."""
+
+  def __init__(self, in_features: int, out_features: int, *, kernel_init: Initializer,
+               bias_init: Initializer = zeros, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features)))
+    self.bias = nnx.Param(bias_init(rngs.params(), (out_features,)))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+    return y + self.bias[...].astype(self.dtype)
+
+
+class PatchConv(nnx.Module):
+  """Conv with kernel = stride = `patch`, no padding, kernel stored HWIO (p, p, in, out).
+
+  Computed as a space-to-depth reshape and one matmul, which is exactly the convolution because
+  the windows do not overlap.
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, patch: int, *, kernel_init: Initializer,
+               bias_init: Initializer, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (patch, patch, in_channels, out_channels)))
+    self.bias = nnx.Param(bias_init(rngs.params(), (out_channels,)))
+    self.patch = patch
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n, h, w, c = x.shape
+    p = self.patch
+    x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(n, h // p, w // p, p * p * c).astype(self.dtype)
+    kernel = self.kernel[...].reshape(p * p * c, -1).astype(self.dtype)
+    return x @ kernel + self.bias[...].astype(self.dtype)
+
+
+def depthwise_conv_shift(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """'SAME' depthwise conv as K² shifted multiply-adds. x (N,H,W,C), kernel (K,K,1,C).
+
+  Equal to lax.conv with feature_group_count=C; about 20× faster on XLA:CPU, where grouped
+  convolutions take a slow generic path.
+  """
+  k = kernel.shape[0]
+  pad = k // 2
+  h, w = x.shape[1], x.shape[2]
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  out = None
+  for i in range(k):
+    for j in range(k):
+      term = xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+def depthwise_conv_lax(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """'SAME' depthwise conv through lax.conv_general_dilated (the fast path on GPU/TPU)."""
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=(1, 1), padding="SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+
+
+def resolve_dwconv_impl(impl: str) -> str:
+  """'auto' picks 'shift' on CPU and 'lax' on accelerators."""
+  if impl == "auto":
+    return "shift" if jax.default_backend() == "cpu" else "lax"
+  return impl
+
+
+class DepthwiseConv(nnx.Module):
+  """5×5 depthwise conv (named `attn` inside CBlock, as in the official model), zero padding."""
+
+  def __init__(self, channels: int, kernel_size: int = 5, *, impl: str = "auto",
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    init = torch_default(kernel_size * kernel_size)  # fan_in = in/groups · k · k
+    self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, 1, channels)))
+    self.bias = nnx.Param(init(rngs.params(), (channels,)))
+    self.impl = impl
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    kernel = self.kernel[...].astype(self.dtype)
+    if resolve_dwconv_impl(self.impl) == "shift":
+      y = depthwise_conv_shift(x, kernel)
+    else:
+      y = depthwise_conv_lax(x, kernel)
+    return y + self.bias[...].astype(self.dtype)
+
+
+class DropPath(nnx.Module):
+  """Stochastic depth per sample (timm semantics): x / keep · floor(keep + U[0,1)).
+
+  Active unless `deterministic` (set by `model.eval()`); randomness from the `dropout` stream.
+  """
+
+  def __init__(self, rate: float, *, rngs: nnx.Rngs, deterministic: bool = False):
+    self.rate = float(rate)
+    self.deterministic = deterministic
+    self.rngs = rngs["dropout"].fork() if self.rate > 0 else nnx.data(None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.rate == 0.0 or self.deterministic:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    u = jax.random.uniform(self.rngs(), shape, jnp.float32)
+    return x / keep * jnp.floor(keep + u).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Composite blocks.
+# ------------------------------------------------------------------------------------------------
+
+class PatchEmbed(nnx.Module):
+  """Conv(k = s = patch) → LayerNorm(eps 1e-5) → GELU, NHWC in and out."""
+
+  def __init__(self, in_channels: int, out_channels: int, patch: int, *,
+               kernel_init: Initializer | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+    fan_in = in_channels * patch * patch
+    self.proj = PatchConv(in_channels, out_channels, patch,
+                          kernel_init=kernel_init or torch_default(fan_in),
+                          bias_init=torch_default(fan_in), dtype=dtype, rngs=rngs)
+    self.norm = LayerNorm(out_channels, 1e-5, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return gelu(self.norm(self.proj(x)))
+
+
+class ConvMlp(nnx.Module):
+  """Per-pixel MLP of the conv blocks: 1×1 conv → GELU → 1×1 conv (PyTorch-default init)."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.fc1 = Linear(dim, hidden, kernel_init=torch_default(dim), bias_init=torch_default(dim),
+                      dtype=dtype, rngs=rngs)
+    self.fc2 = Linear(hidden, dim, kernel_init=torch_default(hidden),
+                      bias_init=torch_default(hidden), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(gelu(self.fc1(x)))
+
+
+class CBlock(nnx.Module):
+  """Convolutional block of stages 1–2 with the masked 5×5 depthwise conv.
+
+  x = x + conv2(dwconv(visible · conv1(LN(x)))); x = x + mlp(LN(x)). The visible mask (1 = visible)
+  is multiplied in after conv1 (bias included) and before the depthwise conv, the only op here that
+  mixes positions, so masked pixels never reach visible ones.
+  """
+
+  def __init__(self, dim: int, mlp_ratio: float, *, drop_path: float = 0.0,
+               dwconv_impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+    self.norm1 = LayerNorm(dim, 1e-5, dtype=dtype)
+    self.conv1 = Linear(dim, dim, kernel_init=torch_default(dim), bias_init=torch_default(dim),
+                        dtype=dtype, rngs=rngs)
+    self.attn = DepthwiseConv(dim, 5, impl=dwconv_impl, dtype=dtype, rngs=rngs)
+    self.conv2 = Linear(dim, dim, kernel_init=torch_default(dim), bias_init=torch_default(dim),
+                        dtype=dtype, rngs=rngs)
+    self.norm2 = LayerNorm(dim, 1e-5, dtype=dtype)
+    self.mlp = ConvMlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+    self.drop_path = DropPath(drop_path, rngs=rngs)
+
+  def __call__(self, x: jax.Array, visible: jax.Array | None = None) -> jax.Array:
+    """x (N,H,W,C); visible (N,H,W,1) with 1 = visible, or None (no masking)."""
+    y = self.conv1(self.norm1(x))
+    if visible is not None:
+      y = y * visible.astype(y.dtype)
+    y = self.conv2(self.attn(y))
+    x = x + self.drop_path(y)
+    return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with a fused qkv projection ([q|k|v], head-major channels).
+
+  Written with explicit (B, heads, L, head_dim) matmuls; softmax in float32.
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, kernel_init: Initializer,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+    self.num_heads = num_heads
+    self.scale = (dim // num_heads) ** -0.5
+    self.qkv = Linear(dim, 3 * dim, kernel_init=kernel_init(dim, 3 * dim), dtype=dtype, rngs=rngs)
+    self.proj = Linear(dim, dim, kernel_init=kernel_init(dim, dim), dtype=dtype, rngs=rngs)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, length, d = x.shape
+    h = self.num_heads
+    qkv = self.qkv(x).reshape(b, length, 3, h, d // h).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    scores = (q @ k.swapaxes(-1, -2)).astype(jnp.float32) * self.scale
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    out = (probs @ v).transpose(0, 2, 1, 3).reshape(b, length, d)
+    return self.proj(out)
+
+
+class Mlp(nnx.Module):
+  def __init__(self, dim: int, hidden: int, *, kernel_init: Initializer, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.fc1 = Linear(dim, hidden, kernel_init=kernel_init(dim, hidden), dtype=dtype, rngs=rngs)
+    self.fc2 = Linear(hidden, dim, kernel_init=kernel_init(hidden, dim), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(gelu(self.fc1(x)))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block (LayerNorm eps 1e-6) for stage 3 and the decoder.
+
+  `kernel_init(fan_in, fan_out)` returns the Linear-weight initializer (xavier for pretraining,
+  normal(0.02) for the classifier); biases start at zero.
+  """
+
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *,
+               kernel_init: Callable[[int, int], Initializer], drop_path: float = 0.0,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    self.norm1 = LayerNorm(dim, 1e-6, dtype=dtype)
+    self.attn = Attention(dim, num_heads, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+    self.norm2 = LayerNorm(dim, 1e-6, dtype=dtype)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+    self.drop_path = DropPath(drop_path, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.drop_path(self.attn(self.norm1(x)))
+    return x + self.drop_path(self.mlp(self.norm2(x)))
