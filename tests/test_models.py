@@ -156,9 +156,11 @@ def test_noise_drawn_from_masking_stream():
 # No leakage from masked patches into the encoder.
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("impl", ["shift", "lax"])
-def test_no_leakage_from_masked_patches(impl):
-  model = models.create("convmae_tiny", rngs=nnx.Rngs(0), img_size=64, dwconv_impl=impl)
+@pytest.mark.parametrize("conv_impl,impl", [("dense", "shift"), ("dense", "lax"),
+                                             ("visible", "shift"), ("visible", "lax")])
+def test_no_leakage_from_masked_patches(conv_impl, impl):
+  model = models.create("convmae_tiny", rngs=nnx.Rngs(0), img_size=64, dwconv_impl=impl,
+                        conv_impl=conv_impl)
   x = np.asarray(_images(2, 64))
   noise = _noise(2, 16, seed=7)
   latent, mask, _ = model.encode(jnp.asarray(x), noise=noise)
@@ -173,6 +175,31 @@ def test_no_leakage_from_masked_patches(impl):
   x_vis[0, r, c, :] += 1.0
   latent3, _, _ = model.encode(jnp.asarray(x_vis), noise=noise)
   assert float(jnp.max(jnp.abs(latent3 - latent))) > 1e-4
+
+
+@pytest.mark.parametrize("size,ratio", [(96, 0.75), (64, 0.5)])
+def test_visible_only_stages_equal_dense(size, ratio):
+  """The visible-only conv stages are an exact re-formulation: same loss, pred and gradients."""
+  kw = dict(img_size=size, mask_ratio=ratio)
+  dense = models.create("convmae_tiny", rngs=nnx.Rngs(0), conv_impl="dense", **kw)
+  vis = models.create("convmae_tiny", rngs=nnx.Rngs(0), conv_impl="visible", **kw)
+  length = (size // 16) ** 2
+  x, noise = _images(3, size), _noise(3, length, seed=4)
+
+  def loss_and_grads(m):
+    gd, params, rest = nnx.split(m, nnx.Param, ...)
+    fn = lambda p: nnx.merge(gd, p, rest)(x, noise=noise)
+    (loss, (pred, _)), grads = jax.value_and_grad(lambda p: (lambda o: (o[0], o[1:]))(fn(p)),
+                                                  has_aux=True)(params)
+    return loss, pred, grads
+
+  la, pa, ga = loss_and_grads(dense)
+  lb, pb, gb = loss_and_grads(vis)
+  assert abs(float(la) - float(lb)) <= 1e-6 * abs(float(la))
+  assert float(jnp.max(jnp.abs(pa - pb))) <= 1e-5
+  rel = jax.tree.leaves(jax.tree.map(
+      lambda u, v: float(jnp.linalg.norm(u - v) / (jnp.linalg.norm(u) + 1e-12)), ga, gb))
+  assert max(rel) <= 1e-5
 
 
 def test_depthwise_impls_agree():
@@ -314,6 +341,7 @@ def test_classifier_without_global_pool():
     (dict(mask_ratio=1.0), "mask_ratio"),
     (dict(dtype="float16"), "float16"),
     (dict(dwconv_impl="fft"), "fft"),
+    (dict(conv_impl="sparse"), "sparse"),
 ])
 def test_bad_config_raises_clear_error(kwargs, needle):
   with pytest.raises(ValueError, match=needle):

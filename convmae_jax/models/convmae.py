@@ -16,6 +16,7 @@ from flax import nnx
 
 from convmae_jax.models import layers
 from convmae_jax.models import masking
+from convmae_jax.models import visible
 from convmae_jax.models.config import ConvMAEConfig
 from convmae_jax.models.pos_embed import sincos_2d
 
@@ -144,12 +145,8 @@ class ConvMAE(nnx.Module):
       raise ValueError(f"noise must be (N, L) = {(n, self.num_patches)}, got {tuple(noise.shape)}")
     return noise
 
-  def conv_stages(self, images: jax.Array, mask: jax.Array):
-    """Stages 1–2 on the full maps with the masked depthwise convs.
-
-    Returns the stage-2 output map (N,g2,g2,C2) and the stage-1/2 decode features on the token
-    grid, (N, L, D) each. Kept separate so the computation can be swapped for an equivalent one.
-    """
+  def _dense_stages(self, images, ids_keep, mask):
+    """Stages 1–2 on the full maps, masked by multiplication (the official formulation)."""
     g1, g2, g3 = self.config.grid_sizes
     visible1 = (1.0 - masking.upsample_mask(mask, g3, g1 // g3))[..., None]
     visible2 = (1.0 - masking.upsample_mask(mask, g3, g2 // g3))[..., None]
@@ -162,7 +159,37 @@ class ConvMAE(nnx.Module):
     for blk in self.blocks2:
       x = blk(x, visible2)
     s2 = self.stage2_output_decode(x).reshape(n, g3 * g3, -1)
+    x = self.patch_embed3(x).reshape(n, g3 * g3, -1)
+    gather = lambda t: masking.gather_tokens(t, ids_keep)
+    return gather(x), gather(s1), gather(s2)
+
+  def _visible_stages(self, images, ids_keep, ids_restore):
+    """Stages 1–2 on the visible tokens' cells only (exactly equal to `_dense_stages`)."""
+    g3 = self.config.grid_sizes[2]
+    x = visible.image_cells(images.astype(self.config.jnp_dtype), ids_keep, self.patch_size)
+    x = visible.map_cells(self.patch_embed1, x)
+    halo = lambda y: visible.halo_windows(y, ids_keep, ids_restore, g3, pad=2)
+    for blk in self.blocks1:
+      x = blk(x, halo=halo)
+    n, k = x.shape[:2]
+    s1 = visible.map_cells(self.stage1_output_decode, x).reshape(n, k, -1)
+    x = visible.map_cells(self.patch_embed2, x)
+    for blk in self.blocks2:
+      x = blk(x, halo=halo)
+    s2 = visible.map_cells(self.stage2_output_decode, x).reshape(n, k, -1)
+    x = visible.map_cells(self.patch_embed3, x).reshape(n, k, -1)
     return x, s1, s2
+
+  def conv_stages(self, images: jax.Array, ids_keep: jax.Array, ids_restore: jax.Array,
+                  mask: jax.Array):
+    """Stages 1–2 and patch_embed3 for the kept tokens, by `config.conv_impl`.
+
+    Returns (tokens after patch_embed3, stage-1 decode, stage-2 decode), each (N, K, D) in
+    ids_keep order.
+    """
+    if self.config.conv_impl == "dense":
+      return self._dense_stages(images, ids_keep, mask)
+    return self._visible_stages(images, ids_keep, ids_restore)
 
   def encode(self, images: jax.Array, noise: jax.Array | None = None):
     """Encoder on visible tokens only.
@@ -176,15 +203,14 @@ class ConvMAE(nnx.Module):
     """
     noise = self._check_inputs(images, noise)
     ids_keep, mask, ids_restore = masking.random_masking(noise, self.len_keep)
-    x, s1, s2 = self.conv_stages(images, mask)
-    x = self.patch_embed3(x)
-    n, g, _, d = x.shape
-    x = self.patch_embed4(x.reshape(n, g * g, d))
-    x = x + self.pos_embed[...].astype(x.dtype)
-    x = masking.gather_tokens(x, ids_keep)
+    x, s1, s2 = self.conv_stages(images, ids_keep, ids_restore, mask)
+    # patch_embed4 and the position embedding act per token, so they run on the kept ones only.
+    pos = masking.gather_tokens(
+        jnp.broadcast_to(self.pos_embed[...], (x.shape[0],) + self.pos_embed.shape[1:]), ids_keep)
+    x = self.patch_embed4(x) + pos.astype(x.dtype)
     for blk in self.blocks3:
       x = blk(x)
-    x = x + masking.gather_tokens(s1, ids_keep) + masking.gather_tokens(s2, ids_keep)
+    x = x + s1 + s2
     return self.norm(x), mask, ids_restore
 
   def decode(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:

@@ -164,12 +164,33 @@ class DepthwiseConv(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    """'SAME' zero-padded conv of a map x (N, H, W, C)."""
     x = x.astype(self.dtype)
     kernel = self.kernel[...].astype(self.dtype)
     if resolve_dwconv_impl(self.impl) == "shift":
       y = depthwise_conv_shift(x, kernel)
     else:
       y = depthwise_conv_lax(x, kernel)
+    return y + self.bias[...].astype(self.dtype)
+
+  def valid(self, windows: jax.Array) -> jax.Array:
+    """'VALID' conv of halo windows (..., f+K-1, f+K-1, C) → (..., f, f, C)."""
+    windows = windows.astype(self.dtype)
+    kernel = self.kernel[...].astype(self.dtype)
+    k = kernel.shape[0]
+    lead, (wh, ww, c) = windows.shape[:-3], windows.shape[-3:]
+    fh, fw = wh - k + 1, ww - k + 1
+    if resolve_dwconv_impl(self.impl) == "shift":
+      y = None
+      for i in range(k):
+        for j in range(k):
+          term = windows[..., i:i + fh, j:j + fw, :] * kernel[i, j, 0]
+          y = term if y is None else y + term
+    else:
+      flat = windows.reshape((-1, wh, ww, c))
+      y = lax.conv_general_dilated(flat, kernel, (1, 1), "VALID",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   feature_group_count=c).reshape(lead + (fh, fw, c))
     return y + self.bias[...].astype(self.dtype)
 
 
@@ -245,12 +266,19 @@ class CBlock(nnx.Module):
     self.mlp = ConvMlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
-  def __call__(self, x: jax.Array, visible: jax.Array | None = None) -> jax.Array:
-    """x (N,H,W,C); visible (N,H,W,1) with 1 = visible, or None (no masking)."""
+  def __call__(self, x: jax.Array, visible: jax.Array | None = None, *,
+               halo: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """x (N,H,W,C); visible (N,H,W,1) with 1 = visible, or None (no masking).
+
+    With `halo`, x holds only the visible cells (N, K, f, f, C) and `halo` maps them to their
+    zero-filled (f+4)² neighbourhoods, so the depthwise conv sees exactly what it sees on the
+    masked full map (see `visible.py`).
+    """
     y = self.conv1(self.norm1(x))
     if visible is not None:
       y = y * visible.astype(y.dtype)
-    y = self.conv2(self.attn(y))
+    y = self.attn(y) if halo is None else self.attn.valid(halo(y))
+    y = self.conv2(y)
     x = x + self.drop_path(y)
     return x + self.drop_path(self.mlp(self.norm2(x)))
 

@@ -1,0 +1,53 @@
+"""Input pipeline (TFDS + tf.data, TF kept off the accelerators) and the offline demo dataset.
+
+Public API::
+
+    from convmae_jax import data
+    it = data.create_pretrain_dataset("imagenet2012", split="train", global_batch_size=4096,
+                                      image_size=224, seed=0, start_step=step)
+    batch = next(it)                      # {"image": float32 (4096 // process_count, 224, 224, 3)}
+    eval_images = data.create_eval_batch("convmae_demo_photos", split="test", num_images=5,
+                                         image_size=64)
+    data.check_dataset(name, split=..., data_dir=...)   # cheap: name, presence on disk, split
+    data.num_examples(name, split=..., data_dir=...)
+    data.IMAGENET_MEAN, data.IMAGENET_STD, data.denormalize(x), data.to_uint8(x)
+
+Importing this package registers the TFDS dataset ``convmae_demo_photos`` (see `demo_photos`). It
+does not import TensorFlow; the first pipeline call does.
+"""
+
+from convmae_jax.data import demo_photos
+from convmae_jax.data.demo_photos import ConvmaeDemoPhotos
+from convmae_jax.data.pipeline import (
+    DEFAULT_SHUFFLE_BUFFER,
+    DEMO_DATASET,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DatasetNotPreparedError,
+    PretrainIterator,
+    check_dataset,
+    create_eval_batch,
+    create_pretrain_dataset,
+    denormalize,
+    get_builder,
+    num_examples,
+    to_uint8,
+)
+
+__all__ = [
+    "DEFAULT_SHUFFLE_BUFFER",
+    "DEMO_DATASET",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ConvmaeDemoPhotos",
+    "DatasetNotPreparedError",
+    "PretrainIterator",
+    "check_dataset",
+    "create_eval_batch",
+    "create_pretrain_dataset",
+    "demo_photos",
+    "denormalize",
+    "get_builder",
+    "num_examples",
+    "to_uint8",
+]
