@@ -2,6 +2,7 @@
 
     python benchmarks/model_step.py --model convmae_base --img_size 224 --batch 8 --steps 5
     python benchmarks/model_step.py --model convmae_tiny --img_size 64 --batch 64 --dwconv_impl lax
+    python benchmarks/model_step.py --model convmae_base --conv_impl dense   # the official formulation
 
 Prints one JSON line: step time (median of --steps after --warmup), images/s, images/s/device,
 compile time, and the configuration. Results go into BENCHMARKS.md by hand, with the machine.
@@ -34,10 +35,11 @@ def main():
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--dwconv_impl", default="auto")
+  ap.add_argument("--conv_impl", default="visible", help="visible | dense (same function)")
   args = ap.parse_args()
 
   model = models.create(args.model, rngs=nnx.Rngs(0), img_size=args.img_size, dtype=args.dtype,
-                        dwconv_impl=args.dwconv_impl)
+                        dwconv_impl=args.dwconv_impl, conv_impl=args.conv_impl)
   tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.05)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   opt_state = tx.init(params)
@@ -70,6 +72,7 @@ def main():
   print(json.dumps({
       "model": args.model, "img_size": args.img_size, "batch": args.batch, "dtype": args.dtype,
       "dwconv_impl": models.layers.resolve_dwconv_impl(args.dwconv_impl),
+      "conv_impl": args.conv_impl,
       "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
       "cpu": platform.processor() or platform.machine(),
       "step_s_median": round(med, 4), "step_s_all": [round(t, 4) for t in times],

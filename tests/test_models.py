@@ -188,9 +188,15 @@ def test_visible_only_stages_equal_dense(size, ratio):
 
   def loss_and_grads(m):
     gd, params, rest = nnx.split(m, nnx.Param, ...)
-    fn = lambda p: nnx.merge(gd, p, rest)(x, noise=noise)
-    (loss, (pred, _)), grads = jax.value_and_grad(lambda p: (lambda o: (o[0], o[1:]))(fn(p)),
-                                                  has_aux=True)(params)
+
+    @jax.jit
+    def run(params):
+      def fn(p):
+        loss, pred, _ = nnx.merge(gd, p, rest)(x, noise=noise)
+        return loss, pred
+      return jax.value_and_grad(fn, has_aux=True)(params)
+
+    (loss, pred), grads = run(params)
     return loss, pred, grads
 
   la, pa, ga = loss_and_grads(dense)

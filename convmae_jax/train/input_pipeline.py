@@ -1,0 +1,84 @@
+"""Glue between the host data pipeline (convmae_jax.data) and the devices.
+
+The data pipeline yields this process's rows as numpy; here they become globally sharded ``jax.Array``s,
+assembled by a background thread that stays ``prefetch`` batches ahead so host-to-device copies overlap
+with the step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from convmae_jax.train import sharding as sharding_lib
+
+_END = object()
+
+
+class DevicePrefetcher:
+  """Iterator of global ``jax.Array`` images built from a host iterator of ``{"image": np.ndarray}``.
+
+  Errors of the host iterator are raised in the consumer at the batch where they happened.
+  Call :meth:`close` (or use as a context manager) to stop the thread.
+  """
+
+  def __init__(self, host_iter: Iterator[dict], sharding: NamedSharding, prefetch: int = 2):
+    self._host_iter = host_iter
+    self._sharding = sharding
+    self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name="device_prefetch", daemon=True)
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _run(self):
+    try:
+      for batch in self._host_iter:
+        images = np.asarray(batch["image"], np.float32)
+        arr = sharding_lib.to_global_array(images, self._sharding)
+        if not self._put(arr):
+          return
+      self._put(_END)
+    except BaseException as e:  # handed to the consumer
+      self._put(e)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> jax.Array:
+    item = self._queue.get()
+    if item is _END:
+      self._queue.put(_END)
+      raise StopIteration
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self):
+    self._stop.set()
+    self._thread.join(timeout=5)
+    close = getattr(self._host_iter, "close", None)
+    if callable(close):
+      try:
+        close()
+      except Exception:  # a finished generator may refuse; nothing to release then
+        pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -1,0 +1,158 @@
+"""Config checks that run before anything is compiled or computed.
+
+Each error names the config field, the bad value and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+
+from convmae_jax import models
+from convmae_jax.train import sharding as sharding_lib
+
+# The datasets this project documents; any other registered TFDS image dataset is accepted too.
+KNOWN_DATASETS = ("imagenet2012", "convmae_demo_photos")
+DTYPES = ("float32", "bfloat16")
+# Top-level config fields that set model fields; model_kwargs must not set them as well.
+_MODEL_FIELDS_FROM_CONFIG = {"img_size": "image_size", "mask_ratio": "mask_ratio",
+                             "norm_pix_loss": "norm_pix_loss", "dtype": "dtype"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """What the checks resolved: mesh axis sizes, the model's create() overrides and its config."""
+  mesh_shape: tuple[int, int]
+  model_overrides: dict[str, Any]
+  model_config: Any
+
+
+def _base_dataset_name(name: str) -> str:
+  return str(name).split(":")[0].split("/")[0].strip()
+
+
+def _is_registered_dataset(name: Any) -> bool:
+  if not isinstance(name, str) or not name.strip():
+    return False
+  base = _base_dataset_name(name)
+  if base in KNOWN_DATASETS:
+    return True
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import convmae_jax.data  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  try:
+    tfds.builder_cls(base)
+    return True
+  except Exception:  # DatasetNotFoundError and malformed names
+    return False
+
+
+def model_overrides(config) -> dict[str, Any]:
+  """The keyword overrides passed to ``models.create(config.model, ...)``."""
+  kwargs = dict(config.get("model_kwargs", None) or {})
+  for model_field, config_field in _MODEL_FIELDS_FROM_CONFIG.items():
+    if model_field in kwargs and kwargs[model_field] != config[config_field]:
+      raise ValueError(
+          f"config.model_kwargs.{model_field}={kwargs[model_field]!r} conflicts with "
+          f"config.{config_field}={config[config_field]!r}; set config.{config_field} only.")
+  for key, value in list(kwargs.items()):
+    if isinstance(value, list):
+      kwargs[key] = tuple(value)
+  kwargs.update(img_size=config.image_size, mask_ratio=config.mask_ratio,
+                norm_pix_loss=config.norm_pix_loss, dtype=config.dtype)
+  return kwargs
+
+
+def _positive_int(config, name: str, *, allow_unset: bool = False) -> None:
+  value = config.get(name)
+  if allow_unset and value == -1:
+    return
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    extra = " or -1 (unset)" if allow_unset else ""
+    raise ValueError(f"config.{name}={value!r} is not accepted: expected a positive integer{extra}.")
+
+
+def validate_config(config, *, num_devices: int | None = None,
+                    process_count: int | None = None) -> RunPlan:
+  """Checks a pretraining config; raises ValueError before any compute. Returns the resolved plan."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+
+  # Model name: a registered pretraining (convmae_*) model.
+  pretrain_names = [n for n in models.names() if n.startswith("convmae_")]
+  if config.model not in pretrain_names:
+    raise ValueError(f"config.model={config.model!r} is not a known pretraining model; accepted: "
+                     f"{pretrain_names}.")
+
+  # Dataset: a registered TFDS name (a lookup in the registry, nothing is read).
+  if not _is_registered_dataset(config.dataset):
+    raise ValueError(f"config.dataset={config.dataset!r} is not a known dataset; accepted: "
+                     f"{list(KNOWN_DATASETS)} or another TFDS image dataset name.")
+
+  # Masking.
+  ratio = config.mask_ratio
+  if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 < float(ratio) < 1.0:
+    raise ValueError(f"config.mask_ratio={ratio!r} is not accepted: it must lie strictly between "
+                     "0 and 1 (the recipe uses 0.75).")
+
+  # Image size: a multiple of the total patch stride of the model.
+  kwargs = dict(config.get("model_kwargs", None) or {})
+  default_patches = {f.name: f.default for f in dataclasses.fields(models.ConvMAEConfig)}["patch_sizes"]
+  stride = math.prod(kwargs.get("patch_sizes", default_patches))
+  size = config.image_size
+  if not isinstance(size, int) or isinstance(size, bool) or size < stride or size % stride:
+    lower = (int(size) // stride) * stride if isinstance(size, (int, float)) else 0
+    near = [v for v in (lower, lower + stride) if v >= stride]
+    raise ValueError(f"config.image_size={size!r} is not accepted: it must be a positive multiple of "
+                     f"the model's total stride {stride}; nearest accepted: {near}.")
+
+  if config.dtype not in DTYPES:
+    raise ValueError(f"config.dtype={config.dtype!r} is not accepted; use one of {list(DTYPES)}.")
+
+  # Mesh and batch.
+  mesh_shape = sharding_lib.resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
+  data_parallel = mesh_shape[0] * mesh_shape[1]
+  _positive_int(config, "batch_size")
+  _positive_int(config, "grad_accum_steps")
+  batch, accum = config.batch_size, config.grad_accum_steps
+  if batch % data_parallel:
+    ok = [b for b in ((batch // data_parallel) * data_parallel,
+                      (batch // data_parallel + 1) * data_parallel) if b > 0]
+    raise ValueError(f"config.batch_size={batch} (global) is not divisible by the data-parallel size "
+                     f"{data_parallel} (mesh data={mesh_shape[0]} x fsdp={mesh_shape[1]}); "
+                     f"accepted: a multiple of {data_parallel}, e.g. {ok}.")
+  if batch % process_count:
+    raise ValueError(f"config.batch_size={batch} is not divisible by the {process_count} processes.")
+  if batch % accum or (batch // accum) % data_parallel:
+    raise ValueError(f"config.batch_size={batch} with grad_accum_steps={accum}: each micro-batch "
+                     f"(batch_size / grad_accum_steps) must be a whole multiple of the data-parallel "
+                     f"size {data_parallel}; accepted batch sizes: multiples of {accum * data_parallel}.")
+
+  # Step counts and intervals.
+  _positive_int(config, "num_train_steps", allow_unset=True)
+  if config.num_train_steps == -1:
+    _positive_int(config, "num_epochs")
+  _positive_int(config, "log_every_steps")
+  _positive_int(config, "checkpoint_every_steps")
+  if config.get("keep_checkpoints", 1) is not None and config.get("keep_checkpoints", 1) < 1:
+    raise ValueError(f"config.keep_checkpoints={config.keep_checkpoints!r}: expected >= 1.")
+  if config.warmup_epochs < 0 or config.get("warmup_steps", -1) < -1:
+    raise ValueError(f"config.warmup_epochs={config.warmup_epochs!r} / warmup_steps="
+                     f"{config.get('warmup_steps', -1)!r}: expected >= 0 (warmup_steps -1 = from epochs).")
+  for name in ("blr", "weight_decay", "min_lr"):
+    if config.get(name, 0.0) < 0:
+      raise ValueError(f"config.{name}={config.get(name)!r} must be >= 0.")
+  for name in ("b1", "b2"):
+    if not 0.0 <= config[name] < 1.0:
+      raise ValueError(f"config.{name}={config[name]!r} must lie in [0, 1).")
+
+  # The model's own checks (sizes, heads, ...), still without building anything.
+  overrides = model_overrides(config)
+  try:
+    model_config = models.config_for(config.model, **overrides)
+  except TypeError as e:  # unknown model_kwargs field
+    raise ValueError(f"config.model_kwargs: {e}") from None
+
+  return RunPlan(mesh_shape=mesh_shape, model_overrides=overrides, model_config=model_config)

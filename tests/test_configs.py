@@ -1,0 +1,123 @@
+"""Config files, config checks (before any compute) and the learning-rate schedule."""
+
+import importlib.util
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from convmae_jax import models
+from convmae_jax.train import optim, trainer, validation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_pretrain_config_is_the_official_recipe():
+  c = load_config("pretrain")
+  assert c.model == "convmae_base" and c.dataset == "imagenet2012"
+  assert (c.blr, c.b1, c.b2, c.weight_decay, c.min_lr) == (1.5e-4, 0.9, 0.95, 0.05, 0.0)
+  assert (c.num_epochs, c.warmup_epochs, c.mask_ratio, c.image_size) == (1600, 40, 0.75, 224)
+  assert c.norm_pix_loss is True and tuple(c.crop_scale) == (0.2, 1.0)
+  assert c.num_train_steps == -1 and c.mesh.data == -1 and c.mesh.fsdp == 1
+  assert load_config("pretrain", "large").model == "convmae_large"
+  with pytest.raises(ValueError, match="'gigantic'.*accepted"):
+    load_config("pretrain", "gigantic")
+  demo = load_config("demo")
+  assert demo.dataset == "convmae_demo_photos" and demo.model == "convmae_tiny"
+  assert demo.image_size % 16 == 0 and demo.image_size <= 96
+  # Every config passes the checks on one device.
+  for cfg in (c, demo):
+    plan = validation.validate_config(cfg, num_devices=1, process_count=1)
+    assert plan.mesh_shape == (1, 1)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("mask_ratio", 0.0, r"mask_ratio=0\.0 .*strictly between 0 and 1"),
+    ("mask_ratio", 1.2, r"mask_ratio=1\.2 .*strictly between 0 and 1"),
+    ("image_size", 100, r"image_size=100 .*multiple of the model's total stride 16.*\[96, 112\]"),
+    ("batch_size", 30, r"batch_size=30 .*not divisible by the data-parallel size 8.*\[24, 32\]"),
+    ("model", "convmae_gigantic", r"model='convmae_gigantic' .*accepted: \[.*'convmae_base'"),
+    ("dataset", "imagenet2013", r"dataset='imagenet2013' .*accepted: \['imagenet2012'"),
+    ("dtype", "float16", r"dtype='float16' .*\['float32', 'bfloat16'\]"),
+])
+def test_config_errors_name_the_value_before_any_compute(tmp_path, field, value, match):
+  c = load_config("demo")
+  c[field] = value
+  with pytest.raises(ValueError, match=match):
+    validation.validate_config(c, num_devices=8, process_count=1)
+
+
+@pytest.mark.parametrize("field,value", [("mask_ratio", 1.2), ("image_size", 100),
+                                         ("model", "convmae_gigantic"), ("dataset", "imagenet2013")])
+def test_trainer_refuses_bad_config_before_writing_anything(tmp_path, field, value):
+  c = load_config("demo")
+  c[field] = value
+  with pytest.raises(ValueError, match=repr(value).replace(".", r"\.")):
+    trainer.train_and_evaluate(c, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
+def test_mesh_errors():
+  c = load_config("demo")
+  c.mesh.data, c.mesh.fsdp = 4, 4
+  with pytest.raises(ValueError, match=r"data=4 x fsdp=4 = 16 devices, but 8 are present"):
+    validation.validate_config(c, num_devices=8, process_count=1)
+  c.mesh.data, c.mesh.fsdp = -1, 3
+  with pytest.raises(ValueError, match=r"fsdp=3 does not divide the 8 devices"):
+    validation.validate_config(c, num_devices=8, process_count=1)
+  c.mesh.data, c.mesh.fsdp = -1, 2
+  assert validation.validate_config(c, num_devices=8, process_count=1).mesh_shape == (4, 2)
+  c.grad_accum_steps = 3
+  with pytest.raises(ValueError, match=r"grad_accum_steps=3"):
+    validation.validate_config(c, num_devices=8, process_count=1)
+
+
+def test_lr_schedule_matches_closed_form():
+  c = load_config("pretrain")
+  n_examples = 1_281_167
+  total, warmup, spe = trainer.schedule_lengths(c, n_examples)
+  assert spe == pytest.approx(n_examples / 3072)
+  assert total == math.ceil(1600 * spe) and warmup == pytest.approx(40 * spe)
+  schedule = trainer.make_schedule(c, total, warmup)
+  peak = 1.5e-4 * 3072 / 256
+  assert peak == pytest.approx(1.8e-3)
+
+  def closed_form(step):  # util/lr_sched.py with epoch = step / steps_per_epoch
+    epoch = step / spe
+    if epoch < 40:
+      return peak * epoch / 40
+    return peak * 0.5 * (1 + math.cos(math.pi * (epoch - 40) / (1600 - 40)))
+
+  steps = [0, 1, 1000, int(warmup), int(warmup) + 1, 100_000, 400_000, total - 1, total]
+  got = np.array([float(schedule(s)) for s in steps])
+  want = np.array([closed_form(s) for s in steps])
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-12)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(warmup)) == pytest.approx(peak, rel=1e-6)      # peak at warmup end
+  mid = warmup + (total - warmup) / 2
+  assert float(schedule(mid)) == pytest.approx(peak / 2, rel=1e-4)     # half-cosine midpoint
+  assert float(schedule(total)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_weight_decay_set_is_the_official_one():
+  model = nnx.eval_shape(lambda: models.create("convmae_tiny", rngs=nnx.Rngs(0), img_size=32))
+  params = nnx.state(model, nnx.Param)
+  mask = nnx.to_pure_dict(optim.weight_decay_mask(params))
+  assert mask["mask_token"] is True                              # (1, 1, D): decayed, as official
+  assert mask["blocks3"][0]["attn"]["qkv"]["kernel"] is True
+  assert mask["blocks1"][0]["attn"]["kernel"] is True             # depthwise 5x5 kernel
+  assert mask["blocks3"][0]["attn"]["qkv"]["bias"] is False
+  assert mask["norm"]["scale"] is False and mask["patch_embed1"]["norm"]["bias"] is False
+  assert "pos_embed" not in mask and "decoder_pos_embed" not in mask  # frozen: not optimized
+  flat = jax.tree.leaves(mask)
+  assert sum(flat) == sum(1 for p in jax.tree.leaves(params) if p.ndim >= 2)
