@@ -5,6 +5,7 @@ slices, multi-node GPU) jax.distributed is initialised first.
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -42,8 +43,13 @@ def main(argv):
         process_id=int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None)
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
-  from convmae_jax import train  # pylint: disable=import-outside-toplevel
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  from convmae_jax import data, train  # pylint: disable=import-outside-toplevel
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (train.ConfigError, data.DatasetNotPreparedError) as e:
+    # A bad config value or missing data: found before any compute; the message says what to do.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

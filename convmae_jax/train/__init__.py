@@ -5,6 +5,7 @@
 """
 
 from convmae_jax.train.trainer import TrainResult, train_and_evaluate
+from convmae_jax.train.errors import ConfigError
 from convmae_jax.train.validation import validate_config
 
-__all__ = ["TrainResult", "train_and_evaluate", "validate_config"]
+__all__ = ["ConfigError", "TrainResult", "train_and_evaluate", "validate_config"]

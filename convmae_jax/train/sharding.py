@@ -16,6 +16,8 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from convmae_jax.train.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
@@ -25,19 +27,19 @@ def resolve_mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int
   data, fsdp = int(data), int(fsdp)
   for name, value in (("mesh.data", data), ("mesh.fsdp", fsdp)):
     if value == 0 or value < -1:
-      raise ValueError(f"{name}={value} is not accepted: use a positive axis size or -1 (= the rest).")
+      raise ConfigError(f"{name}={value} is not accepted: use a positive axis size or -1 (= the rest).")
   if data == -1 and fsdp == -1:
-    raise ValueError("mesh.data and mesh.fsdp are both -1; at most one axis may take 'the rest'.")
+    raise ConfigError("mesh.data and mesh.fsdp are both -1; at most one axis may take 'the rest'.")
   if data == -1 or fsdp == -1:
     known = fsdp if data == -1 else data
     if num_devices % known:
-      raise ValueError(
+      raise ConfigError(
           f"mesh {'fsdp' if data == -1 else 'data'}={known} does not divide the {num_devices} devices; "
           f"accepted: a divisor of {num_devices} ({_divisors(num_devices)}).")
     rest = num_devices // known
     data, fsdp = (rest, fsdp) if data == -1 else (data, rest)
   if data * fsdp != num_devices:
-    raise ValueError(
+    raise ConfigError(
         f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {num_devices} are present; "
         f"the product must equal {num_devices} (use -1 for one axis to take the rest).")
   return data, fsdp

@@ -114,7 +114,7 @@ def num_train_examples(config) -> int:
   except (FileNotFoundError, ValueError):  # missing dataset / bad split: data's message says it all
     raise
   except Exception as e:  # the info is needed only to turn epochs into steps
-    raise ValueError(
+    raise validation.ConfigError(
         f"Could not read the number of examples of {config.dataset!r} split "
         f"{config.train_split!r} ({type(e).__name__}: {e}); set config.num_train_examples, or "
         "config.num_train_steps instead of num_epochs.") from e
@@ -132,7 +132,7 @@ def schedule_lengths(config, n_examples: int | None) -> tuple[int, float, float]
   else:
     warmup = config.warmup_epochs * steps_per_epoch
   if not math.isfinite(warmup):
-    raise ValueError("config.warmup_epochs needs the dataset size; set config.warmup_steps or "
+    raise validation.ConfigError("config.warmup_epochs needs the dataset size; set config.warmup_steps or "
                      "config.num_train_examples.")
   return total, min(warmup, float(total)), steps_per_epoch
 
@@ -161,7 +161,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   data.check_dataset(config.dataset, split=config.train_split, data_dir=config.get("data_dir") or None)
   init_from = config.get("init_from", "") or ""
   if init_from and checkpoints.latest_step(init_from) is None:
-    raise ValueError(f"config.init_from={init_from!r} holds no checkpoint; accepted: a workdir or "
+    raise validation.ConfigError(f"config.init_from={init_from!r} holds no checkpoint; accepted: a workdir or "
                      "checkpoints folder written by training or `python -m convmae_jax.interop import`.")
   needs_size = config.num_train_steps == -1 or (config.get("warmup_steps", -1) == -1
                                                 and config.warmup_epochs)
@@ -432,7 +432,7 @@ def _held_out_split(dataset: str, data_dir: str | None) -> str:
   for name in ("validation", "test"):
     if name in splits:
       return name
-  raise ValueError(f"Dataset {dataset!r} has no 'validation' or 'test' split for the reconstruction "
+  raise validation.ConfigError(f"Dataset {dataset!r} has no 'validation' or 'test' split for the reconstruction "
                    f"figure (splits: {sorted(splits)}); set config.eval_split.")
 
 

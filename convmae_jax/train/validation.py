@@ -12,6 +12,7 @@ from typing import Any
 import jax
 
 from convmae_jax import models
+from convmae_jax.train.errors import ConfigError
 from convmae_jax.train import sharding as sharding_lib
 
 # The datasets this project documents; any other registered TFDS image dataset is accepted too.
@@ -54,7 +55,7 @@ def model_overrides(config) -> dict[str, Any]:
   kwargs = dict(config.get("model_kwargs", None) or {})
   for model_field, config_field in _MODEL_FIELDS_FROM_CONFIG.items():
     if model_field in kwargs and kwargs[model_field] != config[config_field]:
-      raise ValueError(
+      raise ConfigError(
           f"config.model_kwargs.{model_field}={kwargs[model_field]!r} conflicts with "
           f"config.{config_field}={config[config_field]!r}; set config.{config_field} only.")
   for key, value in list(kwargs.items()):
@@ -71,7 +72,7 @@ def _positive_int(config, name: str, *, allow_unset: bool = False) -> None:
     return
   if not isinstance(value, int) or isinstance(value, bool) or value < 1:
     extra = " or -1 (unset)" if allow_unset else ""
-    raise ValueError(f"config.{name}={value!r} is not accepted: expected a positive integer{extra}.")
+    raise ConfigError(f"config.{name}={value!r} is not accepted: expected a positive integer{extra}.")
 
 
 def validate_config(config, *, num_devices: int | None = None,
@@ -83,18 +84,18 @@ def validate_config(config, *, num_devices: int | None = None,
   # Model name: a registered pretraining (convmae_*) model.
   pretrain_names = [n for n in models.names() if n.startswith("convmae_")]
   if config.model not in pretrain_names:
-    raise ValueError(f"config.model={config.model!r} is not a known pretraining model; accepted: "
+    raise ConfigError(f"config.model={config.model!r} is not a known pretraining model; accepted: "
                      f"{pretrain_names}.")
 
   # Dataset: a registered TFDS name (a lookup in the registry, nothing is read).
   if not _is_registered_dataset(config.dataset):
-    raise ValueError(f"config.dataset={config.dataset!r} is not a known dataset; accepted: "
+    raise ConfigError(f"config.dataset={config.dataset!r} is not a known dataset; accepted: "
                      f"{list(KNOWN_DATASETS)} or another TFDS image dataset name.")
 
   # Masking.
   ratio = config.mask_ratio
   if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 < float(ratio) < 1.0:
-    raise ValueError(f"config.mask_ratio={ratio!r} is not accepted: it must lie strictly between "
+    raise ConfigError(f"config.mask_ratio={ratio!r} is not accepted: it must lie strictly between "
                      "0 and 1 (the recipe uses 0.75).")
 
   # Image size: a multiple of the total patch stride of the model.
@@ -105,11 +106,11 @@ def validate_config(config, *, num_devices: int | None = None,
   if not isinstance(size, int) or isinstance(size, bool) or size < stride or size % stride:
     lower = (int(size) // stride) * stride if isinstance(size, (int, float)) else 0
     near = [v for v in (lower, lower + stride) if v >= stride]
-    raise ValueError(f"config.image_size={size!r} is not accepted: it must be a positive multiple of "
+    raise ConfigError(f"config.image_size={size!r} is not accepted: it must be a positive multiple of "
                      f"the model's total stride {stride}; nearest accepted: {near}.")
 
   if config.dtype not in DTYPES:
-    raise ValueError(f"config.dtype={config.dtype!r} is not accepted; use one of {list(DTYPES)}.")
+    raise ConfigError(f"config.dtype={config.dtype!r} is not accepted; use one of {list(DTYPES)}.")
 
   # Mesh and batch.
   mesh_shape = sharding_lib.resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
@@ -120,13 +121,13 @@ def validate_config(config, *, num_devices: int | None = None,
   if batch % data_parallel:
     ok = [b for b in ((batch // data_parallel) * data_parallel,
                       (batch // data_parallel + 1) * data_parallel) if b > 0]
-    raise ValueError(f"config.batch_size={batch} (global) is not divisible by the data-parallel size "
+    raise ConfigError(f"config.batch_size={batch} (global) is not divisible by the data-parallel size "
                      f"{data_parallel} (mesh data={mesh_shape[0]} x fsdp={mesh_shape[1]}); "
                      f"accepted: a multiple of {data_parallel}, e.g. {ok}.")
   if batch % process_count:
-    raise ValueError(f"config.batch_size={batch} is not divisible by the {process_count} processes.")
+    raise ConfigError(f"config.batch_size={batch} is not divisible by the {process_count} processes.")
   if batch % accum or (batch // accum) % data_parallel:
-    raise ValueError(f"config.batch_size={batch} with grad_accum_steps={accum}: each micro-batch "
+    raise ConfigError(f"config.batch_size={batch} with grad_accum_steps={accum}: each micro-batch "
                      f"(batch_size / grad_accum_steps) must be a whole multiple of the data-parallel "
                      f"size {data_parallel}; accepted batch sizes: multiples of {accum * data_parallel}.")
 
@@ -137,22 +138,22 @@ def validate_config(config, *, num_devices: int | None = None,
   _positive_int(config, "log_every_steps")
   _positive_int(config, "checkpoint_every_steps")
   if config.get("keep_checkpoints", 1) is not None and config.get("keep_checkpoints", 1) < 1:
-    raise ValueError(f"config.keep_checkpoints={config.keep_checkpoints!r}: expected >= 1.")
+    raise ConfigError(f"config.keep_checkpoints={config.keep_checkpoints!r}: expected >= 1.")
   if config.warmup_epochs < 0 or config.get("warmup_steps", -1) < -1:
-    raise ValueError(f"config.warmup_epochs={config.warmup_epochs!r} / warmup_steps="
+    raise ConfigError(f"config.warmup_epochs={config.warmup_epochs!r} / warmup_steps="
                      f"{config.get('warmup_steps', -1)!r}: expected >= 0 (warmup_steps -1 = from epochs).")
   for name in ("blr", "weight_decay", "min_lr"):
     if config.get(name, 0.0) < 0:
-      raise ValueError(f"config.{name}={config.get(name)!r} must be >= 0.")
+      raise ConfigError(f"config.{name}={config.get(name)!r} must be >= 0.")
   for name in ("b1", "b2"):
     if not 0.0 <= config[name] < 1.0:
-      raise ValueError(f"config.{name}={config[name]!r} must lie in [0, 1).")
+      raise ConfigError(f"config.{name}={config[name]!r} must lie in [0, 1).")
 
   # The model's own checks (sizes, heads, ...), still without building anything.
   overrides = model_overrides(config)
   try:
     model_config = models.config_for(config.model, **overrides)
   except TypeError as e:  # unknown model_kwargs field
-    raise ValueError(f"config.model_kwargs: {e}") from None
+    raise ConfigError(f"config.model_kwargs: {e}") from None
 
   return RunPlan(mesh_shape=mesh_shape, model_overrides=overrides, model_config=model_config)
