@@ -1,16 +1,14 @@
-r"""ConvMAE pretraining on ImageNet-1k, the official recipe (ConvMAE PRETRAIN.md, reference spec §4.1).
+r"""ConvMAE pretraining on ImageNet-1k, the official recipe (ConvMAE PRETRAIN.md).
 
     python main.py --config=configs/pretrain.py --workdir=/path/to/workdir          # ConvMAE-Base
     python main.py --config=configs/pretrain.py:large --workdir=...                 # another size
 
-Sizes: tiny, small, base (the only official one), large, huge (unofficial tables, spec §10.2).
-Expected result (Base, 1600 epochs at global batch 3072 on TFDS imagenet2012): fine-tuning the
-pretrained encoder on ImageNet-1k reaches 85.0% top-1 (the official ConvMAE-B number; 84.4 after 200
-epochs). The pretraining loss (normalized-pixel MSE on masked patches) starts near 1.8 for Base at
-initialisation and falls steadily. The run writes TensorBoard logs and reconstruction PNGs in the
-workdir and resumes from its latest checkpoint when restarted on the same workdir. Official
-batch-size evidence conflicts (3072 in PRETRAIN.md, 2048 per the authors in issue #6); the lr follows
-the global batch through blr either way.
+Sizes: tiny, small, base (the only official one), large, huge (unofficial, after the ConvMAE-v2 tables).
+Expected result (Base, 1600 epochs on TFDS imagenet2012 at global batch 3072): the official
+ConvMAE-B encoder reaches 85.0% ImageNet-1k top-1 after fine-tuning (84.4% after 200 pretraining
+epochs). The pretraining loss (normalized-pixel MSE on masked patches) starts near 1.0. The run
+writes TensorBoard logs and reconstruction PNGs in the workdir and resumes from its latest
+checkpoint when restarted on the same workdir.
 
 Every field can be overridden on the command line, e.g.
     --config.batch_size=4096 --config.mesh.fsdp=8 --config.dtype=float32 --config.num_epochs=800

@@ -1,6 +1,6 @@
 """Checkpoints on disk: one layout for training runs and for model-only weights.
 
-Layout (docs/CONTRACTS.md): ``{workdir}/checkpoints/{step}/`` written by an Orbax
+Layout (docs/internals.md): ``{workdir}/checkpoints/{step}/`` written by an Orbax
 ``CheckpointManager`` with Composite items
 
 * ``model``     -- ``StandardSave`` of ``nnx.to_pure_dict(nnx.state(model))``: every variable, frozen

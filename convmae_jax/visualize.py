@@ -4,7 +4,7 @@ Layout (one row per sample): original | masked (removed patches grey) | reconstr
 visible patches of the original pasted over the prediction, as in MAE's figures) | raw prediction
 (optional).
 
-Conventions (the model's, see docs/CONTRACTS.md):
+Conventions (the model's, see docs/internals.md):
   * ``images``: (N, H, W, 3), ImageNet mean/std normalized, NHWC;
   * ``pred``: (N, L, p*p*3), L = (H/p)*(W/p) tokens in row-major order, features in (p, q, c) order
     (``models.patchify``);

@@ -31,7 +31,7 @@ CLASSIFIER_ONLY = {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
 
 
 # ------------------------------------------------------------------------------------------------
-# official tables (spec §6.1 / §6.2), written out independently of the code under test
+# official state-dict tables, written out independently of the code under test
 
 def official_base_encoder_keys() -> dict[str, tuple]:
     t: dict[str, tuple] = {"pos_embed": (1, 196, 768)}
@@ -173,7 +173,7 @@ def test_base_pretrain_export_matches_official_table(base_pretrain):
     assert set(sd) == set(table)
     assert {k: tuple(v.shape) for k, v in sd.items()} == table
     assert all(v.dtype == np.float32 for v in sd.values())
-    assert sum(v.size for v in sd.values()) == 115_041_408  # §6.3
+    assert sum(v.size for v in sd.values()) == 115_041_408
     # the PyTorch reference has the same keys, shapes and order
     tm = torch_reference.ConvMAETorch(norm_pix_loss=True)
     tsd = tm.state_dict()
@@ -195,7 +195,7 @@ def test_base_classifier_export_matches_official_table(base_classifier):
     table = official_base_classifier_keys()
     assert len(table) == 207 and len(sd) == 207
     assert {k: tuple(v.shape) for k, v in sd.items()} == table
-    assert sum(v.size for v in sd.values()) == 85_374_824  # §6.3
+    assert sum(v.size for v in sd.values()) == 85_374_824
     tsd = torch_reference.ConvViTTorch(num_classes=1000, global_pool=True).state_dict()
     assert list(tsd) == list(sd)
 
@@ -312,7 +312,7 @@ def test_base_pretrain_into_classifier_reports_classifier_keys_missing(base_pret
     clf, report = base_classifier
     assert set(report.missing) == CLASSIFIER_ONLY and len(report.missing) == 4
     assert report.unexpected == []
-    assert len(report.ignored) == 110  # §6.2
+    assert len(report.ignored) == 110
     assert len(report.loaded) == 203
     assert set(report.loaded) | set(report.ignored) == set(pre_sd)
     clf_sd = interop.to_torch_state_dict(clf)
@@ -406,7 +406,7 @@ def test_wrapped_and_module_prefixed_state_dicts_accepted(tiny_pair):
 
 
 # ------------------------------------------------------------------------------------------------
-# reference init follows §2 (distribution bounds, fixed embeddings)
+# reference init follows the official init (distribution bounds, fixed embeddings)
 
 def test_torch_reference_init_follows_spec():
     torch.manual_seed(0)

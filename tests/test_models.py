@@ -280,7 +280,7 @@ def test_model_pos_embeds_are_frozen_sincos(tiny64):
 
 
 # ---------------------------------------------------------------------------------------------
-# Initialisation distributions (§2 of the reference spec).
+# Initialisation distributions of the official model.
 # ---------------------------------------------------------------------------------------------
 
 def test_init_bounds_follow_official():

@@ -1,7 +1,7 @@
 """Self-contained PyTorch reference of ConvMAE (pretraining) and ConvViT (classifier).
 
-Written from ``convmae_spec.md`` (§1-§3) for parity tests and for exporting weights: the modules
-and attribute names are chosen so that ``state_dict()`` has exactly the key names and shapes of the
+Written from the documented behaviour of the official model, for parity tests and for exporting
+weights: the modules and attribute names are chosen so that ``state_dict()`` has exactly the key names and shapes of the
 official checkpoints (313 keys for the Base pretraining model, 207 for the Base classifier), and
 an exported state dict therefore loads with ``strict=True`` into the official classes too.
 
@@ -42,7 +42,7 @@ PATCH_SIZES = (4, 2, 2)  # official per-stage patch sizes; total stride 16
 # helpers
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
-    """(grid*grid, dim) float32 fixed 2-D sin-cos embedding (§1.5).
+    """(grid*grid, dim) float32 fixed 2-D sin-cos embedding.
 
     Token t = i*grid + j; channels [0, dim/2) encode the column j, [dim/2, dim) the row i. Each half
     is [sin(p*w_k), cos(p*w_k)] with w_k = 10000^(-k/(dim/4)). Computed in float64, cast to float32.
@@ -63,7 +63,7 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
 
 
 def patchify(imgs: torch.Tensor, p: int = 16) -> torch.Tensor:
-    """(N, C, H, W) -> (N, L, p*p*C); token h*w_grid + w, feature (pp*p + qq)*C + c (§1.10)."""
+    """(N, C, H, W) -> (N, L, p*p*C); token h*w_grid + w, feature (pp*p + qq)*C + c."""
     n, c, h, w = imgs.shape
     assert h % p == 0 and w % p == 0
     gh, gw = h // p, w // p
@@ -102,7 +102,7 @@ class DropPath(nn.Module):
 # building blocks (names match the official state-dict keys)
 
 class PatchEmbed(nn.Module):
-    """Conv(k = s = patch) -> LayerNorm over channels (eps 1e-5) -> exact GELU (§1.2)."""
+    """Conv(k = s = patch) -> LayerNorm over channels (eps 1e-5) -> exact GELU."""
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
@@ -131,7 +131,7 @@ class CMlp(nn.Module):
 
 
 class CBlock(nn.Module):
-    """Convolutional block of stages 1-2 (§1.3). ``mask`` (N,1,H,W), 1 = visible, applied after conv1."""
+    """Convolutional block of stages 1-2. ``mask`` (N,1,H,W), 1 = visible, applied after conv1."""
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
@@ -189,7 +189,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block, LayerNorm eps 1e-6 (§1.6)."""
+    """Pre-norm transformer block, LayerNorm eps 1e-6."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
@@ -284,7 +284,7 @@ class ConvMAETorch(nn.Module):
 
         self.initialize_weights()
 
-    # §2.1
+  
     @torch.no_grad()
     def initialize_weights(self) -> None:
         g = self.grid_size
@@ -303,7 +303,7 @@ class ConvMAETorch(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    # §1.7
+  
     def random_masking(self, noise: torch.Tensor, mask_ratio: float):
         n, l = noise.shape
         if l != self.num_patches:
@@ -318,7 +318,7 @@ class ConvMAETorch(nn.Module):
         return ids_keep, mask, ids_restore
 
     def _upsample_mask(self, mask: torch.Tensor, factor: int) -> torch.Tensor:
-        """(N, L) -> (N, 1, g*factor, g*factor) nearest upsampling (§1.8)."""
+        """(N, L) -> (N, 1, g*factor, g*factor) nearest upsampling."""
         g = self.grid_size
         m = mask.reshape(-1, g, g)
         m = m.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
@@ -395,7 +395,7 @@ class ConvMAETorch(nn.Module):
 # classifier
 
 class ConvViTTorch(nn.Module):
-    """ConvViT classifier (``models_convvit.ConvViT``), any size (§3).
+    """ConvViT classifier (``models_convvit.ConvViT``), any size.
 
     global_pool=True: mean of the stage-3 tokens -> ``fc_norm`` -> ``head``;
     global_pool=False: ``norm`` -> token 0 -> ``head``. No masking, no stage decodes.
@@ -447,7 +447,7 @@ class ConvViTTorch(nn.Module):
 
         self.initialize_weights()
 
-    # §2.2 (the model's own init; main_finetune re-inits head.weight with std 2e-5 after loading)
+    # (the official class's own init; main_finetune re-inits head.weight with std 2e-5 after loading)
     @torch.no_grad()
     def initialize_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-2.0, b=2.0)

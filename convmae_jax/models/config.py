@@ -137,7 +137,7 @@ class ConvViTConfig(EncoderConfig):
 
 
 # Encoder sizes. Base is the only official size; the others follow the third-party/ConvMAE-v2
-# tables (reference spec §10.2); tiny exists for tests and demos.
+# tables published with ConvMAE-v2 and third-party ports; tiny exists for tests and demos.
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(embed_dims=(32, 48, 64), depths=(1, 1, 2), num_heads=4, mlp_ratios=(4.0, 4.0, 4.0)),
     "small": dict(embed_dims=(128, 256, 384), depths=(2, 2, 11), num_heads=6,

@@ -1,6 +1,6 @@
 """Optimizer of the pretraining recipe: AdamW, the official weight-decay set and the lr schedule.
 
-Recipe (reference spec §4.1, ``util/lr_sched.py``): lr = blr * global_batch / 256, linear warmup from 0
+Recipe (the official ``util/lr_sched.py``): lr = blr * global_batch / 256, linear warmup from 0
 over ``warmup_epochs`` then a half-cosine to ``min_lr``, both per step (fractional epochs); AdamW with
 betas (0.9, 0.95) and weight decay 0.05 on every parameter with >= 2 dimensions (conv and linear
 kernels, depthwise kernels and ``mask_token``); 1-D parameters (biases, LayerNorm scales) are not

@@ -94,7 +94,7 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any, 
   """Optimizer-state shardings mirroring the parameters' (moments) and replicating the rest (count).
 
   Plain ``jax.jit(tx.init)`` would replicate the moments and put ``count`` on one device
-  (reference stack notes §3, gotcha 1), so the shardings are derived explicitly.
+  on an Auto mesh, so the shardings are derived explicitly.
   """
   abstract_state = jax.eval_shape(tx.init, abstract_params)
   return optax.tree_map_params(tx, lambda _, s: s, abstract_state, p_shardings,
