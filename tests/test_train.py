@@ -185,3 +185,45 @@ def test_init_from_a_model_only_checkpoint(tmp_path):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="init_from=.*holds no checkpoint"):
     run(tmp_path / "run2", init_from=str(tmp_path / "nothing"))
+
+
+_SIGTERM_WORKER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+    import logging
+    from absl import logging as absl_logging
+    logging.basicConfig(level=logging.INFO)      # progress lines on stderr, as under main.py
+    absl_logging.set_verbosity("info")
+    import test_train
+    result = test_train.run({workdir!r}, num_train_steps=100000, checkpoint_every_steps=10**6)
+    print("STOPPED_BY=%s STEP=%d" % (result.stopped_by, result.step), flush=True)
+""")
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path):
+  """A preempted run (SIGTERM) finishes its step, writes a checkpoint there and exits cleanly."""
+  import signal as signal_lib
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  code = _SIGTERM_WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"), workdir=str(tmp_path))
+  proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  import threading
+  watchdog = threading.Timer(240, proc.kill)     # never wait for 100000 steps if the line is missed
+  watchdog.start()
+  try:
+    for line in proc.stderr:                     # absl logs the progress line to stderr
+      if "step 3/100000" in line:
+        proc.send_signal(signal_lib.SIGTERM)
+        break
+    out, err = proc.communicate(timeout=300)
+  finally:
+    watchdog.cancel()
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, err[-3000:]
+  stopped = [l for l in out.splitlines() if l.startswith("STOPPED_BY=")][-1]
+  step = int(stopped.split("STEP=")[1])
+  assert stopped.startswith("STOPPED_BY=SIGTERM") and 3 <= step < 100000
+  assert checkpoints.latest_step(tmp_path) == step   # the only checkpoint: the one at the stop
+  assert "run the same command again to resume" in err

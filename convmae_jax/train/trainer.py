@@ -17,6 +17,8 @@ import dataclasses
 import logging as std_logging
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -45,6 +47,7 @@ class TrainResult:
   losses: dict[int, float]
   model: nnx.Module | None
   workdir: str
+  stopped_by: str | None = None   # "SIGTERM", "SIGINT" or "preemption" when the run was asked to stop
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,6 +95,40 @@ def _select(tree: Any, template: Any) -> Any:
     src = tree[k] if k in tree else tree[str(k)]
     out[k] = _select(src, v)
   return out
+
+
+class _StopRequest:
+  """SIGTERM / Ctrl-C / a pod preemption notice → finish the step, checkpoint, and stop.
+
+  Single process: Python handlers set a flag (a second signal acts as usual). Several processes:
+  all of them must stop at the same step, which JAX's preemption sync point decides (via Orbax).
+  """
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+    signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+    logging.warning("%s received: stopping after this step with a checkpoint.", self.signal_name)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+  def requested(self, step: int, ckpt_mgr) -> str | None:
+    if jax.process_count() > 1:
+      return "preemption" if ckpt_mgr.reached_preemption(step) else None
+    return self.signal_name
 
 
 def _format_eta(seconds: float) -> str:
@@ -333,7 +370,9 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
 
   logging.info("Training steps %d..%d of %d (global batch %d).", start_step + 1, end_step,
                total_steps, batch_size)
+  stop = _StopRequest()
   try:
+    stop.__enter__()
     for step in range(start_step, end_step):
       done = step + 1                    # updates finished after this iteration
       images = next(batches)
@@ -345,7 +384,9 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
                      time.perf_counter() - window_start)
         window_start, window_first_step = time.perf_counter(), done
       report(done)
-      is_last = done == end_step
+      result.stopped_by = stop.requested(done, ckpt_mgr)
+      result.step = done
+      is_last = done == end_step or result.stopped_by is not None
 
       if done % config.log_every_steps == 0 or is_last:
         fetch_pending()
@@ -390,18 +431,24 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
       if figure is not None and ((recon_every > 0 and done % recon_every == 0) or
                                  (is_last and config.get("recon_at_end", True))):
         figure.write(done, params, rest)
+      if result.stopped_by is not None:
+        break
   finally:
+    stop.__exit__()
     batches.close()
     ckpt_mgr.wait_until_finished()
     ckpt_mgr.close()
     writer.flush()
 
-  result.step = end_step
   result.model = nnx.merge(graphdef, params, rest)
-  first = min(result.losses)
+  first, last = min(result.losses), max(result.losses)
+  if result.stopped_by is not None:
+    logging.warning("Stopped by %s at step %d of %d with a checkpoint in %s; run the same command "
+                    "again to resume.", result.stopped_by, result.step, total_steps,
+                    workdir_path / "checkpoints")
   logging.info("Done: step %d; loss %.4f at step %d -> %.4f at step %d. TensorBoard logs in %s, "
-               "reconstructions in %s, checkpoints in %s.", end_step, result.losses[first], first,
-               result.losses[end_step], end_step, workdir, workdir_path / "reconstructions",
+               "reconstructions in %s, checkpoints in %s.", result.step, result.losses[first], first,
+               result.losses[last], last, workdir, workdir_path / "reconstructions",
                workdir_path / "checkpoints")
   return result
 
