@@ -19,6 +19,7 @@ A quick check on a CPU with the embedded photos (no ImageNet needed):
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 SIZES = ("tiny", "small", "base", "large", "huge")
 
@@ -32,7 +33,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Model: registry name and overrides of any ConvMAEConfig field (embed_dims, depths, ...).
   c.model = f"convmae_{size}"
-  c.model_kwargs = ml_collections.ConfigDict()
+  # Model-size overrides; None = the size table's value. E.g.
+  # --config.model_kwargs.depths="(2,2,8)" --config.model_kwargs.decoder_depth=4
+  c.model_kwargs = ml_collections.ConfigDict({
+      "embed_dims": placeholder(tuple), "depths": placeholder(tuple), "num_heads": placeholder(int),
+      "mlp_ratios": placeholder(tuple), "patch_sizes": placeholder(tuple),
+      "decoder_embed_dim": placeholder(int), "decoder_depth": placeholder(int),
+      "decoder_num_heads": placeholder(int), "decoder_mlp_ratio": placeholder(float),
+      "conv_impl": placeholder(str),     # "visible" (default) | "dense": same function
+      "dwconv_impl": placeholder(str),   # "auto" (default) | "shift" | "lax": same function
+  })
   c.image_size = 224              # pixels; a multiple of the total stride 16
   c.mask_ratio = 0.75             # fraction of the (image_size/16)^2 tokens removed
   c.norm_pix_loss = True          # regress per-patch normalized pixels

@@ -121,3 +121,32 @@ def test_weight_decay_set_is_the_official_one():
   assert "pos_embed" not in mask and "decoder_pos_embed" not in mask  # frozen: not optimized
   flat = jax.tree.leaves(mask)
   assert sum(flat) == sum(1 for p in jax.tree.leaves(params) if p.ndim >= 2)
+
+
+def test_model_kwargs_placeholders_override_only_what_is_set():
+  c = load_config("pretrain", "small")
+  assert validation.model_overrides(c) == {"img_size": 224, "mask_ratio": 0.75,
+                                           "norm_pix_loss": True, "dtype": "bfloat16"}
+  c.model_kwargs.depths = (1, 1, 3)
+  c.model_kwargs.decoder_depth = 2
+  kwargs = validation.model_overrides(c)
+  assert kwargs["depths"] == (1, 1, 3) and kwargs["decoder_depth"] == 2
+  cfg = models.config_for(c.model, **kwargs)
+  assert cfg.depths == (1, 1, 3) and cfg.embed_dims == (128, 256, 384)  # the rest from "small"
+  with pytest.raises(TypeError):
+    c.model_kwargs.depths = "three"                    # typed placeholders refuse wrong types
+
+
+def test_model_kwargs_override_from_the_command_line():
+  """`--config.model_kwargs.FIELD=...` works although the config is locked."""
+  from absl import flags
+  from ml_collections import config_flags
+  path = os.path.join(ROOT, "configs", "demo.py")
+  argv = ["prog", f"--config={path}", "--config.model_kwargs.embed_dims=(16,24,32)",
+          "--config.model_kwargs.decoder_depth=3"]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)   # main.py: the same flag, reading sys.argv
+  fv(argv)
+  assert tuple(fv.config.model_kwargs.embed_dims) == (16, 24, 32)
+  assert validation.model_overrides(fv.config)["decoder_depth"] == 3

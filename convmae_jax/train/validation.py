@@ -52,7 +52,8 @@ def _is_registered_dataset(name: Any) -> bool:
 
 def model_overrides(config) -> dict[str, Any]:
   """The keyword overrides passed to ``models.create(config.model, ...)``."""
-  kwargs = dict(config.get("model_kwargs", None) or {})
+  # None = the model size's own value (configs declare every size field as a typed placeholder).
+  kwargs = {k: v for k, v in dict(config.get("model_kwargs", None) or {}).items() if v is not None}
   for model_field, config_field in _MODEL_FIELDS_FROM_CONFIG.items():
     if model_field in kwargs and kwargs[model_field] != config[config_field]:
       raise ConfigError(
@@ -99,7 +100,8 @@ def validate_config(config, *, num_devices: int | None = None,
                      "0 and 1 (the recipe uses 0.75).")
 
   # Image size: a multiple of the total patch stride of the model.
-  kwargs = dict(config.get("model_kwargs", None) or {})
+  # None = the model size's own value (configs declare every size field as a typed placeholder).
+  kwargs = {k: v for k, v in dict(config.get("model_kwargs", None) or {}).items() if v is not None}
   default_patches = {f.name: f.default for f in dataclasses.fields(models.ConvMAEConfig)}["patch_sizes"]
   stride = math.prod(kwargs.get("patch_sizes", default_patches))
   size = config.image_size
