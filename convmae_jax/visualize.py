@@ -21,8 +21,7 @@ import os
 
 import numpy as np
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+from convmae_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD  # one definition of the stats
 NORM_PIX_EPS = 1e-6
 MASK_GREY = 128.0
 COLUMNS = ("original", "masked", "reconstruction", "prediction")
