@@ -12,15 +12,18 @@ Public API::
     data.num_examples(name, split=..., data_dir=...)
     data.IMAGENET_MEAN, data.IMAGENET_STD, data.denormalize(x), data.to_uint8(x)
 
-Importing this package registers the TFDS dataset ``convmae_demo_photos`` (see `demo_photos`). It
-does not import TensorFlow; the first pipeline call does.
+Importing this package registers the TFDS datasets ``convmae_demo_photos`` (see `demo_photos`) and
+``convmae_demo_digits`` (labelled digits, see `demo_digits`); `get_builder` prepares either offline
+when missing. It does not import TensorFlow; the first pipeline call does.
 """
 
 from convmae_jax.data import demo_photos
+from convmae_jax.data import demo_digits
 from convmae_jax.data.demo_photos import ConvmaeDemoPhotos
 from convmae_jax.data.pipeline import (
     DEFAULT_SHUFFLE_BUFFER,
     DEMO_DATASET,
+    EMBEDDED_DATASETS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     DatasetNotPreparedError,
@@ -33,6 +36,8 @@ from convmae_jax.data.pipeline import (
     num_examples,
     to_uint8,
 )
+
+DEMO_DIGITS = demo_digits.NAME
 
 __all__ = [
     "DEFAULT_SHUFFLE_BUFFER",
@@ -50,4 +55,7 @@ __all__ = [
     "get_builder",
     "num_examples",
     "to_uint8",
+    "demo_digits",
+    "DEMO_DIGITS",
+    "EMBEDDED_DATASETS",
 ]

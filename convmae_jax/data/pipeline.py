@@ -30,12 +30,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from convmae_jax.data import demo_photos
+from convmae_jax.data import demo_digits, demo_photos
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 DEMO_DATASET = demo_photos.NAME
+# Datasets built offline from files pip packages ship; get_builder prepares them when missing.
+EMBEDDED_DATASETS = (demo_photos.NAME, demo_digits.NAME)
 DEFAULT_SHUFFLE_BUFFER = 10_000
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _MAX_EPOCHS = 2**40  # "infinite"
@@ -166,7 +168,7 @@ def _not_prepared_message(dataset_name: str, builder) -> str:
 
 
 def get_builder(dataset_name: str, *, data_dir: str | None = None):
-  """Returns a TFDS builder whose data exists, preparing the demo dataset if needed.
+  """Returns a TFDS builder whose data exists, preparing an embedded demo dataset if needed.
 
   Cheap: no TensorFlow graph is built and no example is read. Raises ValueError for an unknown
   dataset name and `DatasetNotPreparedError` (a FileNotFoundError) when the data is not in
@@ -190,7 +192,7 @@ def get_builder(dataset_name: str, *, data_dir: str | None = None):
     return builder
   if builder.is_prepared():
     return builder
-  if _base_name(dataset_name) == DEMO_DATASET:
+  if _base_name(dataset_name) in EMBEDDED_DATASETS:
     _prepare_demo(builder)
     # A fresh builder reads the prepared dataset_info (splits), also when another process won
     # the race to prepare it.
@@ -199,14 +201,14 @@ def get_builder(dataset_name: str, *, data_dir: str | None = None):
 
 
 def _prepare_demo(builder) -> None:
-  """Prepares the offline demo dataset (about a second); tolerates concurrent preparation."""
+  """Prepares an embedded offline dataset (seconds); tolerates concurrent preparation."""
   import logging
 
   import tensorflow_datasets as tfds
   from tensorflow_datasets.core.utils import tqdm_utils
 
-  logging.getLogger(__name__).info("preparing %s in %s (offline, photos from pip packages)",
-                                   DEMO_DATASET, builder.data_dir)
+  logging.getLogger(__name__).info("preparing %s in %s (offline, from files pip packages ship)",
+                                   builder.name, builder.data_dir)
   was_active = getattr(tqdm_utils, "_active", True)
   tfds.display_progress_bar(False)
   try:

@@ -19,7 +19,7 @@ from convmae_jax.models.convmae import ConvMAE, masked_patch_loss, patchify, unp
 from convmae_jax.models.convvit import ConvViT, drop_path_rates
 from convmae_jax.models.layers import FrozenPosEmbed
 from convmae_jax.models.masking import random_masking, upsample_mask, num_visible
-from convmae_jax.models.pos_embed import sincos_2d
+from convmae_jax.models.pos_embed import resize_pos_embed, sincos_2d
 
 _FAMILIES = {"convmae": (ConvMAE, ConvMAEConfig), "convvit": (ConvViT, ConvViTConfig)}
 
@@ -61,6 +61,6 @@ def count_params(model: nnx.Module, variable_type=nnx.Param) -> int:
 __all__ = [
     "ConvMAE", "ConvViT", "ConvMAEConfig", "ConvViTConfig", "EncoderConfig", "FrozenPosEmbed",
     "SIZES", "DECODER_SIZES", "config_for", "count_params", "create", "drop_path_rates",
-    "masked_patch_loss", "names", "num_visible", "patchify", "random_masking", "sincos_2d",
-    "unpatchify", "upsample_mask",
+    "masked_patch_loss", "names", "num_visible", "patchify", "random_masking", "resize_pos_embed",
+    "sincos_2d", "unpatchify", "upsample_mask",
 ]

@@ -1,7 +1,8 @@
 """Glue between the host data pipeline (convmae_jax.data) and the devices.
 
-The data pipeline yields this process's rows as numpy; here they become globally sharded ``jax.Array``s,
-assembled by a background thread that stays ``prefetch`` batches ahead so host-to-device copies overlap
+The data pipeline yields dicts of this process's rows as numpy (``image``, and ``label`` for
+classification); here every array becomes a globally sharded ``jax.Array`` (batch dimension split
+over the mesh), assembled by a background thread that stays ``prefetch`` batches ahead so host-to-device copies overlap
 with the step.
 """
 
@@ -21,7 +22,9 @@ _END = object()
 
 
 class DevicePrefetcher:
-  """Iterator of global ``jax.Array`` images built from a host iterator of ``{"image": np.ndarray}``.
+  """Iterator of ``{name: global jax.Array}`` built from a host iterator of ``{name: np.ndarray}``.
+
+  Images are sent as float32; other arrays keep their dtype.
 
   Errors of the host iterator are raised in the consumer at the batch where they happened.
   Call :meth:`close` (or use as a context manager) to stop the thread.
@@ -47,9 +50,10 @@ class DevicePrefetcher:
   def _run(self):
     try:
       for batch in self._host_iter:
-        images = np.asarray(batch["image"], np.float32)
-        arr = sharding_lib.to_global_array(images, self._sharding)
-        if not self._put(arr):
+        arrays = {k: sharding_lib.to_global_array(
+            np.asarray(v, np.float32) if k == "image" else np.asarray(v), self._sharding)
+                  for k, v in batch.items()}
+        if not self._put(arrays):
           return
       self._put(_END)
     except BaseException as e:  # handed to the consumer
@@ -58,7 +62,7 @@ class DevicePrefetcher:
   def __iter__(self):
     return self
 
-  def __next__(self) -> jax.Array:
+  def __next__(self) -> dict[str, jax.Array]:
     item = self._queue.get()
     if item is _END:
       self._queue.put(_END)

@@ -16,7 +16,7 @@ from convmae_jax.train.errors import ConfigError
 from convmae_jax.train import sharding as sharding_lib
 
 # The datasets this project documents; any other registered TFDS image dataset is accepted too.
-KNOWN_DATASETS = ("imagenet2012", "convmae_demo_photos")
+KNOWN_DATASETS = ("imagenet2012", "convmae_demo_photos", "convmae_demo_digits")
 DTYPES = ("float32", "bfloat16")
 # Top-level config fields that set model fields; model_kwargs must not set them as well.
 _MODEL_FIELDS_FROM_CONFIG = {"img_size": "image_size", "mask_ratio": "mask_ratio",

@@ -1,0 +1,444 @@
+"""The training core every job shares: random streams, schedules, the jitted step, the metrics
+window, stop requests and training-state checkpoints.
+
+The pretraining trainer (``trainer.py``) and the classification trainer (``classification.py``:
+fine-tuning and linear probing) are thin loops over these pieces:
+
+* :func:`stream_key` -- every random number inside a step comes from ``fold_in(key(seed), stream)``
+  folded with the step, so a resumed run repeats an uninterrupted one exactly;
+* :func:`num_train_examples`, :func:`schedule_lengths`, :func:`make_schedule` -- epochs to steps and
+  the warmup + half-cosine lr schedule;
+* :func:`build_train_step` -- the functional step ``(params, opt_state, rest, batch, step) ->
+  (params, opt_state, rest, metrics)``, jitted with explicit shardings and donated state, with
+  gradient accumulation, remat, and the model's dropout streams reseeded from the step;
+* :class:`MetricsWindow` -- metrics kept on the devices until a log step, the progress line, the
+  throughput/ETA figures and the stop on a non-finite loss;
+* :class:`StopRequest` -- SIGTERM / Ctrl-C / a pod preemption notice finish the step, checkpoint, stop;
+* :func:`save_train_state` / :func:`restore_train_state` -- Orbax training checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging as std_logging
+import math
+import signal
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from convmae_jax import checkpoints, data
+from convmae_jax.train import optim, sharding as sharding_lib
+from convmae_jax.train.errors import ConfigError
+
+# Stream ids folded into the run seed, so no two uses ever share random numbers.
+MASKING_STREAM = 1    # pretraining masking noise
+FIGURE_STREAM = 2     # the fixed masks of the reconstruction figure
+DROPOUT_STREAM = 3    # drop path (the model's `dropout` RNG streams)
+MIXUP_STREAM = 4      # mixup / cutmix
+
+
+def stream_key(seed: int, stream: int) -> jax.Array:
+  """``fold_in(key(seed), stream)``; fold the step in (inside the step) to get that step's key."""
+  return jax.random.fold_in(jax.random.key(seed), stream)
+
+
+# --------------------------------------------------------------------------------------------------
+# Logging and config helpers.
+# --------------------------------------------------------------------------------------------------
+class _DropLibraryInfo(std_logging.Filter):
+  """Orbax logs dozens of INFO lines per checkpoint; keep its warnings and errors only."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "orbax" not in (record.pathname or "")
+
+
+def quiet_library_logs() -> None:
+  logger = logging.get_absl_logger()  # Orbax logs through absl
+  if not any(isinstance(f, _DropLibraryInfo) for f in logger.filters):
+    logger.addFilter(_DropLibraryInfo())
+
+
+def flatten_config(d: Any, prefix: str = "") -> dict[str, Any]:
+  """A nested config dict as ``{"a.b": scalar}`` for TensorBoard hparams."""
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(flatten_config(v, key + "."))
+    elif isinstance(v, (int, float, str, bool)) or v is None:
+      out[key] = v if v is not None else "None"
+    else:
+      out[key] = str(v)
+  return out
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = deep_merge(out[k], v) if k in out and isinstance(v, dict) else v
+  return out
+
+
+def select(tree: Any, template: Any) -> Any:
+  """The part of ``tree`` whose keys appear in ``template`` (int and digit-string keys match)."""
+  if not isinstance(template, dict):
+    return tree
+  out = {}
+  for k, v in template.items():
+    src = tree[k] if k in tree else tree[str(k)]
+    out[k] = select(src, v)
+  return out
+
+
+def format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# --------------------------------------------------------------------------------------------------
+# Epochs, steps and the lr schedule.
+# --------------------------------------------------------------------------------------------------
+def num_train_examples(config) -> int:
+  """Examples in the training split: from the dataset's info, else ``config.num_train_examples``."""
+  n = config.get("num_train_examples", -1)
+  if n and n > 0:
+    return int(n)
+  try:
+    return int(data.num_examples(config.dataset, split=config.train_split,
+                                 data_dir=config.get("data_dir") or None))
+  except (FileNotFoundError, ValueError):  # missing dataset / bad split: data's message says it all
+    raise
+  except Exception as e:  # the info is needed only to turn epochs into steps
+    raise ConfigError(
+        f"Could not read the number of examples of {config.dataset!r} split "
+        f"{config.train_split!r} ({type(e).__name__}: {e}); set config.num_train_examples, or "
+        "config.num_train_steps instead of num_epochs.") from e
+
+
+def schedule_lengths(config, n_examples: int | None) -> tuple[int, float, float]:
+  """(total_steps, warmup_steps, steps_per_epoch) for the config's epochs or explicit step count."""
+  steps_per_epoch = (n_examples / config.batch_size) if n_examples else float("nan")
+  if config.num_train_steps != -1:
+    total = int(config.num_train_steps)
+  else:
+    total = int(math.ceil(config.num_epochs * steps_per_epoch))
+  if config.get("warmup_steps", -1) != -1:
+    warmup = float(config.warmup_steps)
+  else:
+    warmup = config.warmup_epochs * steps_per_epoch
+  if not math.isfinite(warmup):
+    raise ConfigError("config.warmup_epochs needs the dataset size; set config.warmup_steps or "
+                      "config.num_train_examples.")
+  return total, min(warmup, float(total)), steps_per_epoch
+
+
+def resolve_schedule(config) -> tuple[int | None, int, float, float]:
+  """(n_examples or None, total_steps, warmup_steps, steps_per_epoch); reads the dataset size only
+  when epochs are used."""
+  needs_size = config.num_train_steps == -1 or (config.get("warmup_steps", -1) == -1
+                                                and config.warmup_epochs)
+  try:
+    n_examples = num_train_examples(config)
+  except ValueError:
+    if needs_size:
+      raise
+    n_examples = None  # only used to report epochs
+  total, warmup, per_epoch = schedule_lengths(config, n_examples)
+  return n_examples, total, warmup, per_epoch
+
+
+def make_schedule(config, total_steps: int, warmup_steps: float):
+  peak = optim.peak_learning_rate(config.blr, config.batch_size)
+  return optim.warmup_cosine_schedule(peak_lr=peak, warmup_steps=warmup_steps,
+                                      total_steps=total_steps, min_lr=config.get("min_lr", 0.0))
+
+
+def end_step(config, total_steps: int) -> int:
+  """The step this run stops at: ``total_steps``, or ``config.stop_after_steps`` when earlier."""
+  stop_after = config.get("stop_after_steps", -1)
+  return min(total_steps, stop_after) if stop_after and stop_after > 0 else total_steps
+
+
+# --------------------------------------------------------------------------------------------------
+# Shardings of the training state.
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class StateShardings:
+  """Shardings of a split model (params / rest), its optimizer state, the batch and scalars."""
+  mesh: jax.sharding.Mesh
+  params: Any
+  rest: Any
+  opt_state: Any
+  batch: jax.sharding.NamedSharding
+  replicated: jax.sharding.NamedSharding
+
+
+def state_shardings(mesh, abstract_params, abstract_rest, tx) -> StateShardings:
+  param_sh = sharding_lib.param_shardings(abstract_params, mesh)
+  return StateShardings(
+      mesh=mesh, params=param_sh,
+      rest=sharding_lib.replicated_shardings(abstract_rest, mesh),
+      opt_state=sharding_lib.opt_state_shardings(tx, abstract_params, param_sh, mesh),
+      batch=sharding_lib.batch_sharding(mesh), replicated=sharding_lib.replicated(mesh))
+
+
+# --------------------------------------------------------------------------------------------------
+# The step.
+# --------------------------------------------------------------------------------------------------
+# loss_fn(model, batch) -> (scalar loss, {name: scalar}): the model is the merged NNX module, batch
+# a dict of this (micro-)batch's arrays. prepare(batch, step) -> batch runs first on the whole global
+# batch (masking noise, mixup), so gradient accumulation sees exactly the rows of the full batch.
+LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], tuple[jax.Array, dict]]
+PrepareFn = Callable[[dict, jax.Array], dict]
+
+
+def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.GradientTransformation,
+                     schedule, shardings: StateShardings, batch_size: int, grad_accum_steps: int = 1,
+                     remat: bool = False, seed: int, batch_keys: tuple[str, ...] = ("image",),
+                     prepare: PrepareFn | None = None):
+  """The jitted training step ``(params, opt_state, rest, batch, step) -> (params, opt_state, rest,
+  metrics)``.
+
+  * ``params`` are the model's variables matched by ``param_filter`` (the trainable ones), ``rest``
+    everything else (frozen weights, position embeddings, BatchNorm statistics, RNG state); both are
+    merged with ``graphdef`` inside. ``rest`` comes back updated (BatchNorm statistics).
+  * ``prepare(batch, step)`` adds the step's random inputs to the whole batch; it takes its keys from
+    :func:`stream_key` folded with ``step``.
+  * Every ``dropout`` RNG stream of the model (drop path) is reseeded from
+    ``fold_in(fold_in(key(seed), DROPOUT_STREAM), step)`` (then the micro-batch index), so drop path
+    draws new masks at every step and the same masks when a resumed run repeats a step.
+  * ``grad_accum_steps > 1``: micro-batch ``k`` takes rows ``k, k+accum, ...`` so every device keeps
+    its own rows; gradients, losses and ``loss_fn``'s scalars are averaged. ``remat``: keep only
+    weight-matmul outputs and recompute convs, norms, activations and attention in the backward pass.
+  * metrics: ``loss``, ``grad_norm``, ``learning_rate`` and ``loss_fn``'s own scalars.
+  Parameters, optimizer state and ``rest`` are donated.
+  """
+  accum = int(grad_accum_steps)
+  dropout_key = stream_key(seed, DROPOUT_STREAM)
+  batch_sh = {k: shardings.batch for k in batch_keys}
+
+  def compute(p, r, batch, drop_key):
+    model = nnx.merge(graphdef, p, r)
+    nnx.reseed(model, dropout=drop_key)
+    loss, aux = loss_fn(model, batch)
+    _, _, new_r = nnx.split(model, param_filter, ...)
+    return loss, (aux, new_r)
+
+  if remat:
+    compute = jax.checkpoint(compute, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  grad_fn = jax.value_and_grad(compute, has_aux=True)
+
+  def train_step(p, opt, r, batch, step):
+    drop_key = jax.random.fold_in(dropout_key, step)
+    if prepare is not None:
+      batch = prepare(dict(batch), step)
+    if accum == 1:
+      (loss, (aux, r)), grads = grad_fn(p, r, batch, drop_key)
+    else:
+      micro_sh = jax.sharding.NamedSharding(shardings.mesh, jax.sharding.PartitionSpec(
+          None, sharding_lib.BATCH_AXES))
+      split = lambda x: jax.lax.with_sharding_constraint(
+          jnp.swapaxes(x.reshape((batch_size // accum, accum) + x.shape[1:]), 0, 1), micro_sh)
+      micro = jax.tree.map(split, batch)
+
+      def body(carry, xs):
+        loss_sum, aux_sum, grad_sum, r_c = carry
+        k, mb = xs
+        (l, (a, r_c)), g = grad_fn(p, r_c, mb, jax.random.fold_in(drop_key, k))
+        return (loss_sum + l, jax.tree.map(jnp.add, aux_sum, a), jax.tree.map(jnp.add, grad_sum, g),
+                r_c), None
+
+      first = jax.tree.map(lambda x: x[0], micro)
+      aux_shape = jax.eval_shape(lambda: compute(p, r, first, drop_key)[1][0])
+      init = (jnp.zeros((), jnp.float32), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), aux_shape),
+              jax.tree.map(jnp.zeros_like, p), r)
+      (loss, aux, grads, r), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
+      loss = loss / accum
+      aux = jax.tree.map(lambda a: a / accum, aux)
+      grads = jax.tree.map(lambda g: g / accum, grads)
+    updates, opt = tx.update(grads, opt, p)
+    p = optax.apply_updates(p, updates)
+    metrics = {**aux, "loss": loss, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": schedule(step)}
+    return p, opt, r, metrics
+
+  return jax.jit(train_step,
+                 in_shardings=(shardings.params, shardings.opt_state, shardings.rest, batch_sh,
+                               shardings.replicated),
+                 out_shardings=(shardings.params, shardings.opt_state, shardings.rest,
+                                shardings.replicated),
+                 donate_argnums=(0, 1, 2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics, progress and throughput.
+# --------------------------------------------------------------------------------------------------
+class NonFiniteLossError(FloatingPointError):
+  """A non-finite training loss; the message names the step and the last checkpoint."""
+
+
+class MetricsWindow:
+  """Step metrics stay on the devices until a log step; then one progress line and one set of
+  TensorBoard scalars: mean loss and grad norm of the window, lr, img/s (total and per device),
+  ETA, core-hours and epoch. Compilation (the first step of a run) is kept out of the throughput.
+  """
+
+  def __init__(self, *, writer, total_steps: int, batch_size: int, start_step: int,
+               steps_per_epoch: float | None = None, last_checkpoint: Callable[[], str] = lambda: "?",
+               label: str = "step"):
+    self.writer = writer
+    self.total_steps = total_steps
+    self.batch_size = batch_size
+    self.steps_per_epoch = steps_per_epoch
+    self.last_checkpoint = last_checkpoint
+    self.label = label
+    self.num_devices = jax.device_count()
+    self.pending: list[tuple[int, dict]] = []
+    self.window: list[dict] = []
+    self.core_hours = 0.0
+    self._start, self._first = time.perf_counter(), start_step
+    self._run_start_step = start_step
+
+  def add(self, step: int, metrics: dict) -> None:
+    """Records step ``step``'s (device) metrics; times the first step of the run separately."""
+    self.pending.append((step, metrics))
+    if step == self._run_start_step + 1:
+      jax.block_until_ready(metrics)
+      logging.info("First step (with compilation) finished after %.1f s.",
+                   time.perf_counter() - self._start)
+      self.restart(step)
+
+  def restart(self, step: int) -> None:
+    """Starts the throughput clock at ``step`` (after the first step, or after an evaluation)."""
+    self._start, self._first = time.perf_counter(), step
+
+  def fetch(self) -> None:
+    """Moves the pending metrics to the host; raises NonFiniteLossError at the first bad loss."""
+    for s, m in jax.device_get(self.pending):
+      if not np.isfinite(m["loss"]):
+        raise NonFiniteLossError(
+            f"Loss is {float(m['loss'])} at step {s} (grad norm {float(m['grad_norm'])}, lr "
+            f"{float(m['learning_rate']):.3g}); stopping. The last checkpoint is "
+            f"{self.last_checkpoint()}; lower config.blr, or use config.dtype='float32' if it was "
+            "bfloat16.")
+      self.window.append(m)
+    self.pending.clear()
+
+  def log(self, step: int) -> dict[str, float]:
+    """Writes the window's scalars at ``step``, logs the progress line, returns the scalars."""
+    self.fetch()
+    elapsed = time.perf_counter() - self._start
+    steps_timed = step - self._first
+    self.core_hours += elapsed * self.num_devices / 3600.0
+    w = self.window
+    scalars = {k: float(np.mean([m[k] for m in w])) for k in w[0] if k != "learning_rate"}
+    scalars["learning_rate"] = float(w[-1]["learning_rate"])
+    scalars["core_hours"] = self.core_hours
+    if self.steps_per_epoch and math.isfinite(self.steps_per_epoch):
+      scalars["epoch"] = step / self.steps_per_epoch
+    eta = float("nan")
+    if steps_timed > 0 and elapsed > 0:
+      img_s = steps_timed * self.batch_size / elapsed
+      eta = (self.total_steps - step) * self.batch_size / img_s
+      scalars.update(images_per_sec=img_s, images_per_sec_per_device=img_s / self.num_devices,
+                     eta_hours=eta / 3600.0)
+    self.writer.write_scalars(step, scalars)
+    extra = "".join(f" | {k} {scalars[k]:.4g}" for k in sorted(w[0])
+                    if k not in ("loss", "grad_norm", "learning_rate"))
+    logging.info("%s %d/%d | loss %.4f | lr %.3g | grad_norm %.3f%s | %.1f img/s (%.1f/device) | "
+                 "eta %s", self.label, step, self.total_steps, scalars["loss"],
+                 scalars["learning_rate"], scalars["grad_norm"], extra,
+                 scalars.get("images_per_sec", float("nan")),
+                 scalars.get("images_per_sec_per_device", float("nan")), format_eta(eta))
+    self.window.clear()
+    self.restart(step)
+    return scalars
+
+
+# --------------------------------------------------------------------------------------------------
+# Stop requests.
+# --------------------------------------------------------------------------------------------------
+class StopRequest:
+  """SIGTERM / Ctrl-C / a pod preemption notice → finish the step, checkpoint, and stop.
+
+  Single process: Python handlers set a flag (a second signal acts as usual). Several processes:
+  all of them must stop at the same step, which JAX's preemption sync point decides (via Orbax).
+  Use as a context manager around the loop.
+  """
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+    signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+    logging.warning("%s received: stopping after this step with a checkpoint.", self.signal_name)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+  def requested(self, step: int, ckpt_mgr) -> str | None:
+    if jax.process_count() > 1:
+      return "preemption" if ckpt_mgr.reached_preemption(step) else None
+    return self.signal_name
+
+
+# --------------------------------------------------------------------------------------------------
+# Training-state checkpoints.
+# --------------------------------------------------------------------------------------------------
+def save_train_state(ckpt_mgr, step: int, params, rest, opt_state, meta: dict) -> None:
+  """Saves the model (params and rest merged into one pure dict), optimizer state and meta."""
+  model_state = deep_merge(nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
+  ckpt_mgr.save(step, args=ocp.args.Composite(**{
+      checkpoints.MODEL_ITEM: ocp.args.StandardSave(model_state),
+      checkpoints.OPT_STATE_ITEM: ocp.args.StandardSave(opt_state),
+      checkpoints.META_ITEM: ocp.args.JsonSave(meta),
+  }), force=True)
+
+
+def restore_train_state(ckpt_mgr, step: int, abstract_params, abstract_rest,
+                        shardings: StateShardings, tx):
+  """Restores (params, opt_state, rest, meta) of ``step`` onto ``shardings``.
+
+  ``abstract_params`` / ``abstract_rest`` are the split abstract model (``nnx.eval_shape``); they are
+  filled in place and returned.
+  """
+  pure_p = sharding_lib.abstract_with_shardings(nnx.to_pure_dict(abstract_params),
+                                                nnx.to_pure_dict(shardings.params))
+  pure_r = sharding_lib.abstract_with_shardings(nnx.to_pure_dict(abstract_rest),
+                                                nnx.to_pure_dict(shardings.rest))
+  abs_opt = sharding_lib.abstract_with_shardings(jax.eval_shape(tx.init, abstract_params),
+                                                 shardings.opt_state)
+  restored = ckpt_mgr.restore(step, args=ocp.args.Composite(**{
+      checkpoints.MODEL_ITEM: ocp.args.StandardRestore(deep_merge(pure_p, pure_r)),
+      checkpoints.OPT_STATE_ITEM: ocp.args.StandardRestore(abs_opt),
+      checkpoints.META_ITEM: ocp.args.JsonRestore(),
+  }))
+  model_pure = restored[checkpoints.MODEL_ITEM]
+  nnx.replace_by_pure_dict(abstract_params, select(model_pure, nnx.to_pure_dict(abstract_params)))
+  nnx.replace_by_pure_dict(abstract_rest, select(model_pure, nnx.to_pure_dict(abstract_rest)))
+  return (abstract_params, restored[checkpoints.OPT_STATE_ITEM], abstract_rest,
+          dict(restored[checkpoints.META_ITEM]))
