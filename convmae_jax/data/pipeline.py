@@ -258,8 +258,9 @@ def check_dataset(dataset_name: str, *, split: str = "train", data_dir: str | No
   return builder
 
 
-def _read_encoded(builder, split, image_key: str):
-  """Deterministic-order dataset of encoded image bytes for `split` (no decoding)."""
+def _read_encoded(builder, split, image_key: str, label_key: str | None = None):
+  """Deterministic-order dataset of encoded image bytes for `split` (no decoding); with
+  `label_key`, of (image bytes, int32 label) pairs."""
   import tensorflow_datasets as tfds
 
   tf = _tf()
@@ -267,7 +268,11 @@ def _read_encoded(builder, split, image_key: str):
       split=split, shuffle_files=False,
       decoders={image_key: tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(add_tfds_id=False))
-  ds = ds.map(lambda ex: ex[image_key], num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if label_key is None:
+    pick = lambda ex: ex[image_key]
+  else:
+    pick = lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32))
+  ds = ds.map(pick, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   opts = tf.data.Options()
   opts.deterministic = True
   return ds.with_options(opts)
@@ -385,6 +390,52 @@ def _seed_pair(*words: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------- public API
 
 
+def augment_seed(seed: int, process_index: int):
+  """The per-process TF stateless key that per-example augmentation keys are folded from."""
+  tf = _tf()
+  return tf.constant(_seed_pair(seed, process_index, 0xA06), tf.int64)
+
+
+def example_stream(builder, dataset_name: str, split: str, *, image_key: str, label_key: str | None,
+                   seed: int, process_index: int, process_count: int, local_batch: int,
+                   start_step: int, shuffle_buffer: int):
+  """This process's infinite, shuffled, resumable stream of ``(position, image bytes[, label])``.
+
+  Steps 1-3 of the module docstring: the process's even slice in a fixed order, one shuffle per
+  epoch seeded by ``(seed, process_index, epoch)``, started at example ``start_step * local_batch``
+  without decoding what is skipped. Returns ``(dataset, examples in the slice)``.
+  """
+  import tensorflow_datasets as tfds
+
+  tf = _tf()
+  proc_split = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+  encoded = _read_encoded(builder, proc_split, image_key, label_key)
+  n = _cardinality(encoded)
+  if n == 0:
+    raise ValueError(f"process {process_index}/{process_count} got no examples of "
+                     f"{dataset_name!r} split {split!r}; use fewer processes or a larger split")
+
+  shuffle_key = tf.constant(_seed_pair(seed, process_index, 0x5EED), tf.int64)
+  buffer = min(shuffle_buffer, n)
+
+  def epoch(e):
+    ds = encoded
+    if buffer > 1:
+      s = tf.random.stateless_uniform([], seed=tf.stack([shuffle_key[0] + e, shuffle_key[1]]),
+                                      minval=1, maxval=2**31 - 1, dtype=tf.int64)
+      ds = ds.shuffle(buffer, seed=s, reshuffle_each_iteration=False)
+    positions = tf.data.Dataset.range(e * n, (e + 1) * n)
+    if label_key is None:
+      return tf.data.Dataset.zip(positions, ds)
+    return tf.data.Dataset.zip(positions, ds).map(lambda i, ex: (i, ex[0], ex[1]))
+
+  first_epoch, offset = divmod(start_step * local_batch, n)
+  stream = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch)
+  if offset:
+    stream = stream.skip(offset)  # skipped before decoding: cheap
+  return stream, n
+
+
 class PretrainIterator:
   """Iterator over numpy batches ``{"image": float32 (local_batch, S, S, 3)}`` (infinite).
 
@@ -468,34 +519,12 @@ def create_pretrain_dataset(
 
   builder = check_dataset(dataset_name, split=split, data_dir=data_dir)
   image_key = _image_key(builder, dataset_name)
-
-  import tensorflow_datasets as tfds
-
   tf = _tf()
-  proc_split = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
-  encoded = _read_encoded(builder, proc_split, image_key)
-  n = _cardinality(encoded)
-  if n == 0:
-    raise ValueError(f"process {process_index}/{process_count} got no examples of "
-                     f"{dataset_name!r} split {split!r}; use fewer processes or a larger split")
-
-  shuffle_key = tf.constant(_seed_pair(seed, process_index, 0x5EED), tf.int64)
-  augment_key = tf.constant(_seed_pair(seed, process_index, 0xA06), tf.int64)
-  buffer = min(shuffle_buffer, n)
-
-  def epoch(e):
-    ds = encoded
-    if buffer > 1:
-      s = tf.random.stateless_uniform([], seed=tf.stack([shuffle_key[0] + e, shuffle_key[1]]),
-                                      minval=1, maxval=2**31 - 1, dtype=tf.int64)
-      ds = ds.shuffle(buffer, seed=s, reshuffle_each_iteration=False)
-    return tf.data.Dataset.zip(tf.data.Dataset.range(e * n, (e + 1) * n), ds)
-
-  start_example = start_step * local_batch
-  first_epoch, offset = divmod(start_example, n)
-  stream = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch)
-  if offset:
-    stream = stream.skip(offset)  # skipped before decoding: cheap
+  stream, n = example_stream(builder, dataset_name, split, image_key=image_key, label_key=None,
+                             seed=seed, process_index=process_index, process_count=process_count,
+                             local_batch=local_batch, start_step=start_step,
+                             shuffle_buffer=shuffle_buffer)
+  augment_key = augment_seed(seed, process_index)
 
   def transform(index, image_bytes):
     key = _example_seed(augment_key, index)

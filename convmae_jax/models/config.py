@@ -123,10 +123,13 @@ class ConvMAEConfig(EncoderConfig):
 class ConvViTConfig(EncoderConfig):
   """Classifier. global_pool: mean of stage-3 tokens → fc_norm → head (True, official fine-tune
   default) or norm → first token → head (False). drop_path_rate is spread linearly over all blocks.
+  head_batchnorm: BatchNorm without affine (eps 1e-6) between the pooled features and the head, as
+  the official linear probe adds it.
   """
   num_classes: int = 1000
   global_pool: bool = True
   drop_path_rate: float = 0.1
+  head_batchnorm: bool = False
 
   def validate(self) -> None:
     super().validate()

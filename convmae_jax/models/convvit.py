@@ -26,6 +26,33 @@ def drop_path_rates(depths, rate: float) -> list[float]:
   return [float(r) for r in np.linspace(0.0, rate, int(sum(depths)))]
 
 
+class HeadBatchNorm(nnx.Module):
+  """BatchNorm1d(affine=False, eps 1e-6, momentum 0.1) before the linear-probe head, as PyTorch
+  computes it: batch statistics (biased variance) in training, running statistics in eval; the
+  running variance is updated with the unbiased batch variance. ``model.eval()`` switches it."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, momentum: float = 0.1,
+               use_running_average: bool = False):
+    self.eps = eps
+    self.momentum = momentum
+    self.use_running_average = use_running_average
+    self.mean = nnx.BatchStat(jnp.zeros((dim,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((dim,), jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    if self.use_running_average:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      n = x.shape[0]
+      mean = jnp.mean(x, axis=0)
+      var = jnp.mean(jnp.square(x - mean), axis=0)
+      m = self.momentum
+      self.mean[...] = (1 - m) * self.mean[...] + m * mean
+      self.var[...] = (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1))
+    return (x - mean) * jax.lax.rsqrt(var + self.eps)
+
+
 class ConvViT(nnx.Module):
   """Classifier. `logits = model(images)`; `model.features(images)` for the stage maps.
 
@@ -58,6 +85,8 @@ class ConvViT(nnx.Module):
       self.fc_norm = layers.LayerNorm(d, 1e-6, dtype=dt)
     else:
       self.norm = layers.LayerNorm(d, 1e-6, dtype=dt)
+    if config.head_batchnorm:
+      self.head_bn = HeadBatchNorm(d)
     self.head = layers.Linear(d, config.num_classes, kernel_init=layers.normal(0.02), dtype=dt,
                               rngs=rngs)
 
@@ -101,4 +130,7 @@ class ConvViT(nnx.Module):
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """images (N, S, S, C) normalized NHWC → logits (N, num_classes) float32."""
-    return self.head(self.pooled(images)).astype(jnp.float32)
+    x = self.pooled(images)
+    if self.config.head_batchnorm:
+      x = self.head_bn(x)
+    return self.head(x).astype(jnp.float32)

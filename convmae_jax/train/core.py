@@ -231,7 +231,9 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
   batch_sh = {k: shardings.batch for k in batch_keys}
 
   def compute(p, r, batch, drop_key):
-    model = nnx.merge(graphdef, p, r)
+    # copy=True: fresh Variables in this trace, so drop path may advance its RNG counters and
+    # BatchNorm update its statistics under value_and_grad.
+    model = nnx.merge(graphdef, p, r, copy=True)
     nnx.reseed(model, dropout=drop_key)
     loss, aux = loss_fn(model, batch)
     _, _, new_r = nnx.split(model, param_filter, ...)

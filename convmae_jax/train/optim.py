@@ -1,4 +1,7 @@
-"""Optimizer of the pretraining recipe: AdamW, the official weight-decay set and the lr schedule.
+"""Optimizers: pretraining AdamW, fine-tuning AdamW with layer-wise lr decay, linear-probe LARS.
+
+Pretraining recipe below; the fine-tuning and linear-probe optimizers are described at
+:func:`make_finetune_optimizer` and :func:`make_lars_optimizer`.
 
 Recipe (the official ``util/lr_sched.py``): lr = blr * global_batch / 256, linear warmup from 0
 over ``warmup_epochs`` then a half-cosine to ``min_lr``, both per step (fractional epochs); AdamW with
@@ -63,4 +66,142 @@ def make_optimizer(config, schedule: Callable[[Any], jax.Array],
       eps=config.get("adam_eps", 1e-8),
       weight_decay=config.weight_decay,
       mask=weight_decay_mask(params),
+  )
+
+
+# ===================================== Fine-tuning: layer-wise lr decay ============================
+
+# Names excluded from weight decay by the classifier's ``no_weight_decay()`` (official).
+_NO_WEIGHT_DECAY = ("pos_embed", "cls_token")
+# Everything before the transformer stage shares layer 0 (the official ``get_layer_id_for_vit``).
+_LAYER0_PREFIXES = ("patch_embed", "blocks1", "blocks2")
+
+
+def _key_name(entry: Any) -> Any:
+  """A path entry as a plain str/int: jax key entries (DictKey, GetAttrKey, ...) or raw names."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return getattr(entry, attr)
+  return entry
+
+
+def _path_names(path: tuple) -> tuple:
+  """``('blocks3', 0, 'attn', 'qkv', 'kernel')`` from a jax key path or a tuple of names.
+
+  The trailing ``value`` that flattening an ``nnx.Variable`` adds is dropped.
+  """
+  names = tuple(_key_name(e) for e in path)
+  if names and names[-1] == "value":
+    names = names[:-1]
+  return names
+
+
+def layer_id(path: tuple, num_layers: int) -> int:
+  """Layer index of a ConvViT parameter for layer-wise lr decay (official ``util/lr_decay.py``).
+
+  ``path``: the parameter's key path, jax key entries or plain names, e.g. ``('blocks3', 3,
+  'mlp', 'fc1', 'kernel')``. ``num_layers``: ``len(blocks3) + 1``.
+  Returns 0 for ``pos_embed``, ``cls_token``, every ``patch_embed*`` (including ``patch_embed4``,
+  the linear after stage 2) and all of stages 1–2; ``i + 1`` for ``blocks3[i]``; ``num_layers``
+  for the rest (``fc_norm``/``norm``, ``head``).
+  """
+  names = _path_names(path)
+  if not names:
+    raise ValueError("layer_id: empty parameter path")
+  top = str(names[0])
+  if top in _NO_WEIGHT_DECAY or top.startswith(_LAYER0_PREFIXES):
+    return 0
+  if top == "blocks3":
+    if len(names) < 2:
+      raise ValueError(f"layer_id: path {names!r} has no block index after 'blocks3'")
+    return int(names[1]) + 1
+  return num_layers
+
+
+def _num_layers(params: Any) -> int:
+  """``len(blocks3) + 1``, counted from the distinct block indices present in the tree."""
+  blocks = {int(names[1]) for names in
+            (_path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+            if len(names) > 1 and names[0] == "blocks3"}
+  return (max(blocks) + 1 if blocks else 0) + 1
+
+
+def layer_lr_scales(params: Any, layer_decay: float) -> Any:
+  """Per-parameter lr multiplier ``layer_decay ** (num_layers - layer_id)``, same tree as ``params``.
+
+  ``params``: the classifier's ``nnx.Param`` state (or its pure dict; may be abstract). The
+  number of layers is read from the tree (``len(blocks3) + 1``). At 0.65 for ConvViT-Base
+  (12 layers): stages 1–2, patch embeds and pos_embed 0.65**12 ≈ 0.00569, ``blocks3[i]``
+  0.65**(11 - i), ``fc_norm`` and ``head`` 1.0.
+  """
+  num_layers = _num_layers(params)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: float(layer_decay) ** (num_layers - layer_id(path, num_layers)), params)
+
+
+def finetune_decay_mask(params: Any) -> Any:
+  """True for decayed parameters: every one with ndim >= 2 except ``pos_embed``/``cls_token``.
+
+  The official fine-tuning set (``param_groups_lrd``): 1-D parameters (biases, LayerNorm scales)
+  and the names in ``no_weight_decay()`` are not decayed; conv kernels and the head kernel are.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim >= 2 and str(_path_names(path)[0]) not in _NO_WEIGHT_DECAY, params)
+
+
+def make_finetune_optimizer(config, schedule: Callable[[Any], jax.Array],
+                            params: Any) -> optax.GradientTransformation:
+  """AdamW with layer-wise lr decay, as the official fine-tuning param groups.
+
+  PyTorch: one param group per (layer, decay) with ``lr = lr(t) * lr_scale`` and
+  ``weight_decay`` 0 or ``config.weight_decay``. Here: ``optax.adamw`` with
+  :func:`finetune_decay_mask`, then the whole update (Adam step and decoupled decay term) times
+  the parameter's :func:`layer_lr_scales` scale, so ``p -= lr(t) * scale * (adam + wd * p)`` —
+  the same update. Config fields: ``b1``, ``b2``, ``weight_decay``, ``layer_decay``,
+  optional ``adam_eps`` (1e-8). ``params`` may be abstract (only structure and ndims are used).
+  The scaling is stateless, so the state is that of ``optax.adamw`` (``tree_map_params`` works).
+  """
+  scales = layer_lr_scales(params, config.layer_decay)
+  return optax.chain(
+      optax.adamw(
+          learning_rate=schedule,
+          b1=config.b1,
+          b2=config.b2,
+          eps=config.get("adam_eps", 1e-8),
+          weight_decay=config.weight_decay,
+          mask=finetune_decay_mask(params),
+      ),
+      # Scales first: its leaves are floats, so the map follows the params' structure.
+      optax.stateless(lambda updates, _: jax.tree.map(lambda s, u: u * s, scales, updates)),
+  )
+
+
+# ===================================== Linear probe: LARS ==========================================
+
+def lars_mask(params: Any) -> Any:
+  """True where LARS applies weight decay and the trust ratio: parameters with ndim > 1."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_lars_optimizer(config, schedule: Callable[[Any], jax.Array],
+                        params: Any) -> optax.GradientTransformation:
+  """LARS as MoCo-v3's ``LARS`` (the official linear probe's optimizer), step for step.
+
+  Per parameter with ndim > 1: ``g <- g + wd * p``, then ``g <- g * (0.001 * ||p|| / ||g||)`` when
+  both norms are > 0 (else unchanged); 1-D parameters (biases, norm scales) get neither. Then
+  ``mu <- momentum * mu + g`` and ``p <- p - lr(t) * mu``. Config fields: ``weight_decay``,
+  optional ``momentum`` (0.9). ``params`` may be abstract (only ndims are used).
+
+  ``optax.lars`` differs in two ways: (1) it applies the learning rate before the momentum trace
+  (``mu <- momentum * mu - lr(t) * g``; ``p <- p + mu``), so past gradients keep the lr of their
+  own step — the same only while the lr is constant, different under warmup/cosine; (2) its
+  ``weight_decay_mask`` and ``trust_ratio_mask`` default to every parameter, biases included.
+  """
+  mask = lars_mask(params)
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=mask),
+      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=0.001), mask),
+      optax.trace(decay=config.get("momentum", 0.9)),
+      # After the trace: mu accumulates raw (trust-scaled) gradients, as MoCo-v3's p -= lr * mu.
+      optax.scale_by_learning_rate(schedule),
   )

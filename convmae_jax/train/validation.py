@@ -76,6 +76,48 @@ def _positive_int(config, name: str, *, allow_unset: bool = False) -> None:
     raise ConfigError(f"config.{name}={value!r} is not accepted: expected a positive integer{extra}.")
 
 
+def _check_mesh_batch_steps(config, num_devices: int, process_count: int) -> tuple[int, int]:
+  """Mesh, global batch, gradient accumulation, step counts, intervals, lr fields; the mesh shape."""
+  # Mesh and batch.
+  mesh_shape = sharding_lib.resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
+  data_parallel = mesh_shape[0] * mesh_shape[1]
+  _positive_int(config, "batch_size")
+  _positive_int(config, "grad_accum_steps")
+  batch, accum = config.batch_size, config.grad_accum_steps
+  if batch % data_parallel:
+    ok = [b for b in ((batch // data_parallel) * data_parallel,
+                      (batch // data_parallel + 1) * data_parallel) if b > 0]
+    raise ConfigError(f"config.batch_size={batch} (global) is not divisible by the data-parallel size "
+                     f"{data_parallel} (mesh data={mesh_shape[0]} x fsdp={mesh_shape[1]}); "
+                     f"accepted: a multiple of {data_parallel}, e.g. {ok}.")
+  if batch % process_count:
+    raise ConfigError(f"config.batch_size={batch} is not divisible by the {process_count} processes.")
+  if batch % accum or (batch // accum) % data_parallel:
+    raise ConfigError(f"config.batch_size={batch} with grad_accum_steps={accum}: each micro-batch "
+                     f"(batch_size / grad_accum_steps) must be a whole multiple of the data-parallel "
+                     f"size {data_parallel}; accepted batch sizes: multiples of {accum * data_parallel}.")
+
+  # Step counts and intervals.
+  _positive_int(config, "num_train_steps", allow_unset=True)
+  if config.num_train_steps == -1:
+    _positive_int(config, "num_epochs")
+  _positive_int(config, "log_every_steps")
+  _positive_int(config, "checkpoint_every_steps")
+  if config.get("keep_checkpoints", 1) is not None and config.get("keep_checkpoints", 1) < 1:
+    raise ConfigError(f"config.keep_checkpoints={config.keep_checkpoints!r}: expected >= 1.")
+  if config.warmup_epochs < 0 or config.get("warmup_steps", -1) < -1:
+    raise ConfigError(f"config.warmup_epochs={config.warmup_epochs!r} / warmup_steps="
+                     f"{config.get('warmup_steps', -1)!r}: expected >= 0 (warmup_steps -1 = from epochs).")
+  for name in ("blr", "weight_decay", "min_lr"):
+    if config.get(name, 0.0) < 0:
+      raise ConfigError(f"config.{name}={config.get(name)!r} must be >= 0.")
+  for name in ("b1", "b2"):
+    if name in config and not 0.0 <= config[name] < 1.0:
+      raise ConfigError(f"config.{name}={config[name]!r} must lie in [0, 1).")
+
+  return mesh_shape
+
+
 def validate_config(config, *, num_devices: int | None = None,
                     process_count: int | None = None) -> RunPlan:
   """Checks a pretraining config; raises ValueError before any compute. Returns the resolved plan."""
@@ -114,42 +156,7 @@ def validate_config(config, *, num_devices: int | None = None,
   if config.dtype not in DTYPES:
     raise ConfigError(f"config.dtype={config.dtype!r} is not accepted; use one of {list(DTYPES)}.")
 
-  # Mesh and batch.
-  mesh_shape = sharding_lib.resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
-  data_parallel = mesh_shape[0] * mesh_shape[1]
-  _positive_int(config, "batch_size")
-  _positive_int(config, "grad_accum_steps")
-  batch, accum = config.batch_size, config.grad_accum_steps
-  if batch % data_parallel:
-    ok = [b for b in ((batch // data_parallel) * data_parallel,
-                      (batch // data_parallel + 1) * data_parallel) if b > 0]
-    raise ConfigError(f"config.batch_size={batch} (global) is not divisible by the data-parallel size "
-                     f"{data_parallel} (mesh data={mesh_shape[0]} x fsdp={mesh_shape[1]}); "
-                     f"accepted: a multiple of {data_parallel}, e.g. {ok}.")
-  if batch % process_count:
-    raise ConfigError(f"config.batch_size={batch} is not divisible by the {process_count} processes.")
-  if batch % accum or (batch // accum) % data_parallel:
-    raise ConfigError(f"config.batch_size={batch} with grad_accum_steps={accum}: each micro-batch "
-                     f"(batch_size / grad_accum_steps) must be a whole multiple of the data-parallel "
-                     f"size {data_parallel}; accepted batch sizes: multiples of {accum * data_parallel}.")
-
-  # Step counts and intervals.
-  _positive_int(config, "num_train_steps", allow_unset=True)
-  if config.num_train_steps == -1:
-    _positive_int(config, "num_epochs")
-  _positive_int(config, "log_every_steps")
-  _positive_int(config, "checkpoint_every_steps")
-  if config.get("keep_checkpoints", 1) is not None and config.get("keep_checkpoints", 1) < 1:
-    raise ConfigError(f"config.keep_checkpoints={config.keep_checkpoints!r}: expected >= 1.")
-  if config.warmup_epochs < 0 or config.get("warmup_steps", -1) < -1:
-    raise ConfigError(f"config.warmup_epochs={config.warmup_epochs!r} / warmup_steps="
-                     f"{config.get('warmup_steps', -1)!r}: expected >= 0 (warmup_steps -1 = from epochs).")
-  for name in ("blr", "weight_decay", "min_lr"):
-    if config.get(name, 0.0) < 0:
-      raise ConfigError(f"config.{name}={config.get(name)!r} must be >= 0.")
-  for name in ("b1", "b2"):
-    if not 0.0 <= config[name] < 1.0:
-      raise ConfigError(f"config.{name}={config[name]!r} must lie in [0, 1).")
+  mesh_shape = _check_mesh_batch_steps(config, num_devices, process_count)
 
   # The model's own checks (sizes, heads, ...), still without building anything.
   overrides = model_overrides(config)
@@ -159,3 +166,89 @@ def validate_config(config, *, num_devices: int | None = None,
     raise ConfigError(f"config.model_kwargs: {e}") from None
 
   return RunPlan(mesh_shape=mesh_shape, model_overrides=overrides, model_config=model_config)
+
+
+JOBS = ("pretrain", "finetune", "linprobe", "evaluate")
+# Top-level classification config fields that set ConvViT fields.
+_CLASSIFIER_FIELDS_FROM_CONFIG = {"img_size": "image_size", "num_classes": "num_classes",
+                                  "global_pool": "global_pool", "drop_path_rate": "drop_path_rate",
+                                  "dtype": "dtype"}
+
+
+def validate_classification_config(config, *, num_devices: int | None = None,
+                                   process_count: int | None = None) -> RunPlan:
+  """Checks a fine-tuning, linear-probe or evaluation config before any compute; the resolved plan."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+  job = config.get("job", "pretrain")
+  if job not in JOBS:
+    raise ConfigError(f"config.job={job!r} is not accepted; use one of {list(JOBS)}.")
+  names = [n for n in models.names() if n.startswith("convvit_")]
+  if config.model not in names:
+    raise ConfigError(f"config.model={config.model!r} is not a classifier; accepted: {names} "
+                      "(the fine-tuning, linear-probe and evaluation jobs use ConvViT).")
+  if not _is_registered_dataset(config.dataset):
+    raise ConfigError(f"config.dataset={config.dataset!r} is not a known dataset; accepted: "
+                      f"{list(KNOWN_DATASETS)} or another TFDS image classification dataset name.")
+  if config.dtype not in DTYPES:
+    raise ConfigError(f"config.dtype={config.dtype!r} is not accepted; use one of {list(DTYPES)}.")
+  kwargs = {k: v for k, v in dict(config.get("model_kwargs", None) or {}).items() if v is not None}
+  for model_field, config_field in _CLASSIFIER_FIELDS_FROM_CONFIG.items():
+    if model_field in kwargs and kwargs[model_field] != config[config_field]:
+      raise ConfigError(f"config.model_kwargs.{model_field}={kwargs[model_field]!r} conflicts with "
+                        f"config.{config_field}={config[config_field]!r}; set config.{config_field} only.")
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  kwargs.update({m: config[c] for m, c in _CLASSIFIER_FIELDS_FROM_CONFIG.items()})
+  kwargs["head_batchnorm"] = job == "linprobe"
+  stride = math.prod(kwargs.get("patch_sizes", (4, 2, 2)))
+  size = config.image_size
+  if not isinstance(size, int) or isinstance(size, bool) or size < stride or size % stride:
+    lower = (int(size) // stride) * stride if isinstance(size, (int, float)) else 0
+    near = [v for v in (lower, lower + stride) if v >= stride]
+    raise ConfigError(f"config.image_size={size!r} is not accepted: it must be a positive multiple of "
+                      f"the model's total stride {stride}; nearest accepted: {near}.")
+  if not isinstance(config.num_classes, int) or config.num_classes < 1:
+    raise ConfigError(f"config.num_classes={config.num_classes!r}: expected a positive integer (the "
+                      "dataset's number of classes).")
+  if not 0.0 <= float(config.drop_path_rate) < 1.0:
+    raise ConfigError(f"config.drop_path_rate={config.drop_path_rate!r} must lie in [0, 1).")
+  if not 0.0 < float(config.get("crop_pct", 0.875)) <= 1.0:
+    raise ConfigError(f"config.crop_pct={config.crop_pct!r} must lie in (0, 1] (the eval resize is "
+                      "image_size / crop_pct).")
+  _positive_int(config, "eval_batch_size")
+  mesh_shape = sharding_lib.resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
+  if config.eval_batch_size % (mesh_shape[0] * mesh_shape[1]) or config.eval_batch_size % process_count:
+    raise ConfigError(f"config.eval_batch_size={config.eval_batch_size} must be a multiple of the "
+                      f"{mesh_shape[0] * mesh_shape[1]} data-parallel devices and the "
+                      f"{process_count} processes.")
+
+  if job != "evaluate":
+    mesh_shape = _check_mesh_batch_steps(config, num_devices, process_count)
+    _positive_int(config, "eval_every_steps", allow_unset=True)
+    if job == "finetune":
+      if not 0.0 < float(config.layer_decay) <= 1.0:
+        raise ConfigError(f"config.layer_decay={config.layer_decay!r} must lie in (0, 1] (1 = no decay).")
+      for name in ("mixup", "cutmix"):
+        if config[name] < 0:
+          raise ConfigError(f"config.{name}={config[name]!r} must be >= 0 (0 = off).")
+      for name in ("mixup_prob", "mixup_switch_prob", "label_smoothing", "reprob"):
+        if not 0.0 <= float(config[name]) <= 1.0:
+          raise ConfigError(f"config.{name}={config[name]!r} must lie in [0, 1].")
+      mixing = config.mixup_prob > 0 and (config.mixup > 0 or config.cutmix > 0)
+      if mixing and config.batch_size % 2:
+        raise ConfigError(f"config.batch_size={config.batch_size} is odd: mixup/cutmix mix the batch "
+                          "with its reverse and need an even batch; use an even batch_size, or "
+                          "--config.mixup_prob=0.")
+      if config.get("rand_augment", ""):
+        from convmae_jax.data import augment  # pylint: disable=import-outside-toplevel
+        try:
+          augment.parse_rand_augment(config.rand_augment)
+        except ValueError as e:
+          raise ConfigError(f"config.rand_augment={config.rand_augment!r}: {e}") from None
+  try:
+    model_config = models.config_for(config.model, **kwargs)
+  except TypeError as e:
+    raise ConfigError(f"config.model_kwargs: {e}") from None
+  except ValueError as e:
+    raise ConfigError(f"model {config.model}: {e}") from None
+  return RunPlan(mesh_shape=mesh_shape, model_overrides=kwargs, model_config=model_config)
