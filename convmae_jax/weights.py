@@ -60,6 +60,23 @@ def state_dict_kind(sd: dict) -> str:
   return "encoder"
 
 
+def check_kind(sd: dict, expect: str, *, name: str) -> str:
+  """The kind of ``sd`` (:func:`state_dict_kind`); ValueError when ``expect`` cannot use it."""
+  kind = state_dict_kind(sd)
+  if expect == "pretraining" and kind == "classifier":
+    raise ValueError(
+        f"{name} is a classifier (fine-tuned) checkpoint: it has a head "
+        f"({tuple(np.shape(sd['head.weight']))}) and no decoder. Fine-tuning and linear probing start "
+        "from a pretraining checkpoint (a pretraining workdir, `interop import` of a pretraining "
+        ".pth, or the .pth itself); to measure this one, use the evaluate job.")
+  if expect == "classifier" and kind != "classifier":
+    raise ValueError(
+        f"{name} is a {kind} checkpoint with no classifier head; evaluation needs a fine-tuned "
+        "classifier (a fine-tuning workdir or a fine-tuned .pth). Fine-tune it first "
+        "(configs/finetune.py), or linear-probe it (configs/linprobe.py).")
+  return kind
+
+
 def fit_pos_embed(sd: dict, model) -> tuple[dict, tuple[int, int] | None]:
   """Resizes ``sd["pos_embed"]`` (bicubic, as PyTorch's interpolate with align_corners=False) to the
   model's token grid when the image size differs. Returns the state dict and ``(old, new)`` token
@@ -68,7 +85,7 @@ def fit_pos_embed(sd: dict, model) -> tuple[dict, tuple[int, int] | None]:
   if "pos_embed" not in sd:
     return sd, None
   pos = np.asarray(sd["pos_embed"])
-  want = tuple(model.pos_embed[...].shape)            # (1, L, D)
+  want = tuple(model.pos_embed.shape)                 # (1, L, D); the model may be abstract
   if tuple(pos.shape) == want:
     return sd, None
   if pos.ndim != 3 or pos.shape[-1] != want[-1]:
@@ -103,19 +120,8 @@ def init_classifier(model, source: str | os.PathLike | dict, *, step: int | None
     sd, meta = source, {}
   else:
     sd, meta = read_state_dict(source, step=step)
-  kind = state_dict_kind(sd)
-  name = meta.get("model_name") or os.fspath(source) if not isinstance(source, dict) else "state dict"
-  if expect == "pretraining" and kind == "classifier":
-    raise ValueError(
-        f"{name} is a classifier (fine-tuned) checkpoint: it has a head "
-        f"({tuple(np.shape(sd['head.weight']))}) and no decoder. Fine-tuning and linear probing start "
-        "from a pretraining checkpoint (a pretraining workdir, `interop import` of a pretraining "
-        ".pth, or the .pth itself); to measure this one, use the evaluate job.")
-  if expect == "classifier" and kind != "classifier":
-    raise ValueError(
-        f"{name} is a {kind} checkpoint with no classifier head; evaluation needs a fine-tuned "
-        "classifier (a fine-tuning workdir or a fine-tuned .pth). Fine-tune it first "
-        "(configs/finetune.py), or linear-probe it (configs/linprobe.py).")
+  name = meta.get("model_name") or (os.fspath(source) if not isinstance(source, dict) else "state dict")
+  kind = check_kind(sd, expect, name=name)
   sd, resized = fit_pos_embed(sd, model)
   strict = expect == "classifier"
   if expect == "pretraining":

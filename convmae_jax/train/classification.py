@@ -106,6 +106,11 @@ def run(config, workdir: str) -> TrainResult:
                       "workdir, a model-only checkpoint folder, or a .pth/.safetensors file.")
   if job == "evaluate":
     return _evaluate_job(config, workdir, plan, init_from)
+  # The initial weights are read and checked against the model now (kind, shapes, position
+  # embedding), unless the workdir already has a checkpoint to resume from.
+  init_sd = None
+  if init_from and checkpoints.latest_step(workdir) is None:
+    init_sd = _read_init(config, plan, init_from, expect="pretraining")
 
   n_examples, total_steps, warmup_steps, steps_per_epoch = core.resolve_schedule(config)
   end_step = core.end_step(config, total_steps)
@@ -171,7 +176,7 @@ def run(config, workdir: str) -> TrainResult:
       head_std = config.head_init_std if config.head_init_std > 0 else None
       try:
         report = weights.init_classifier(
-            model, init_from, head_std=head_std, expect="pretraining",
+            model, init_sd, head_std=head_std, expect="pretraining",
             key=core.stream_key(config.seed, _HEAD_INIT_STREAM))
       except (ValueError, FileNotFoundError) as e:
         ckpt_mgr.close()
@@ -302,6 +307,20 @@ def run(config, workdir: str) -> TrainResult:
   return result
 
 
+def _read_init(config, plan, init_from: str, *, expect: str) -> dict:
+  """The official-layout state dict of ``init_from``, checked against the model without building
+  it: a checkpoint of the right kind whose position embedding fits. ConfigError otherwise."""
+  abstract = nnx.eval_shape(lambda: models.create(config.model, rngs=nnx.Rngs(0),
+                                                  **plan.model_overrides))
+  try:
+    sd, meta = weights.read_state_dict(init_from)
+    weights.check_kind(sd, expect, name=meta.get("model_name") or init_from)
+    weights.fit_pos_embed(sd, abstract)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"config.init_from={init_from!r}: {e}") from None
+  return sd
+
+
 def _save_best(best_dir, graphdef_eval, params, rest, meta: dict) -> None:
   """The best model so far as a model-only checkpoint (step 0 of ``best/``), replacing the last."""
   model = nnx.merge(graphdef_eval, params, rest)
@@ -311,19 +330,17 @@ def _save_best(best_dir, graphdef_eval, params, rest, meta: dict) -> None:
 def _evaluate_job(config, workdir: str, plan, init_from: str) -> TrainResult:
   """top-1/top-5/loss of a classifier checkpoint; printed and written as JSON into ``workdir``."""
   workdir_path = epath.Path(workdir)
-  if jax.process_index() == 0:
-    workdir_path.mkdir(parents=True, exist_ok=True)
   mesh = sharding_lib.make_mesh(*plan.mesh_shape)
   data_dir = config.get("data_dir") or None
   eval_data = cls_data.create_eval_dataset(
       config.dataset, split=config.eval_split, global_batch_size=config.eval_batch_size,
       image_size=config.image_size, crop_pct=config.crop_pct, data_dir=data_dir,
       num_examples=config.eval_num_examples if config.eval_num_examples > 0 else None)
+  sd = _read_init(config, plan, init_from, expect="classifier")
   model = models.create(config.model, rngs=nnx.Rngs(config.seed), **plan.model_overrides)
-  try:
-    report = weights.init_classifier(model, init_from, expect="classifier")
-  except (ValueError, FileNotFoundError) as e:
-    raise ConfigError(f"config.init_from={init_from!r}: {e}") from None
+  report = weights.init_classifier(model, sd, expect="classifier")
+  if jax.process_index() == 0:
+    workdir_path.mkdir(parents=True, exist_ok=True)
   model.eval()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   repl = sharding_lib.replicated(mesh)

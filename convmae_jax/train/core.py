@@ -198,6 +198,16 @@ def state_shardings(mesh, abstract_params, abstract_rest, tx) -> StateShardings:
 # --------------------------------------------------------------------------------------------------
 # The step.
 # --------------------------------------------------------------------------------------------------
+def reseed_all(model: nnx.Module, key: jax.Array) -> None:
+  """Reseeds every RNG stream stored in ``model`` (drop path's are forked from ``dropout``, or from
+  ``default`` when the model was built with ``nnx.Rngs(seed)``) from ``key``, streams of different
+  names from different keys and each stream of a name with its own key (``nnx.reseed``)."""
+  tags = sorted({stream.key.tag for _, stream in nnx.iter_graph(model)
+                 if isinstance(stream, nnx.RngStream)})
+  if tags:
+    nnx.reseed(model, **{tag: jax.random.fold_in(key, i) for i, tag in enumerate(tags)})
+
+
 # loss_fn(model, batch) -> (scalar loss, {name: scalar}): the model is the merged NNX module, batch
 # a dict of this (micro-)batch's arrays. prepare(batch, step) -> batch runs first on the whole global
 # batch (masking noise, mixup), so gradient accumulation sees exactly the rows of the full batch.
@@ -217,7 +227,7 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
     merged with ``graphdef`` inside. ``rest`` comes back updated (BatchNorm statistics).
   * ``prepare(batch, step)`` adds the step's random inputs to the whole batch; it takes its keys from
     :func:`stream_key` folded with ``step``.
-  * Every ``dropout`` RNG stream of the model (drop path) is reseeded from
+  * Every RNG stream of the model (drop path's) is reseeded from
     ``fold_in(fold_in(key(seed), DROPOUT_STREAM), step)`` (then the micro-batch index), so drop path
     draws new masks at every step and the same masks when a resumed run repeats a step.
   * ``grad_accum_steps > 1``: micro-batch ``k`` takes rows ``k, k+accum, ...`` so every device keeps
@@ -234,7 +244,7 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
     # copy=True: fresh Variables in this trace, so drop path may advance its RNG counters and
     # BatchNorm update its statistics under value_and_grad.
     model = nnx.merge(graphdef, p, r, copy=True)
-    nnx.reseed(model, dropout=drop_key)
+    reseed_all(model, drop_key)
     loss, aux = loss_fn(model, batch)
     _, _, new_r = nnx.split(model, param_filter, ...)
     return loss, (aux, new_r)
