@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if size not in SIZES:
     raise ValueError(f"Unknown model size {size!r} in configs/pretrain.py:{size}; accepted: {SIZES}")
   c = ml_collections.ConfigDict()
+  c.job = "pretrain"              # pretrain | finetune | linprobe | evaluate (configs/finetune.py, ...)
 
   # Model: registry name and overrides of any ConvMAEConfig field (embed_dims, depths, ...).
   c.model = f"convmae_{size}"

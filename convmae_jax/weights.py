@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from convmae_jax.models.pos_embed import resize_pos_embed
 

@@ -59,6 +59,36 @@ def run(workdir, job="finetune", **overrides):
 
 
 # ------------------------------------------------------------------------------------------------
+# Configs.
+
+def test_finetune_linprobe_evaluate_configs_are_the_official_recipes():
+  from configs import evaluate as evaluate_config
+  from convmae_jax.train import validation
+  ft, lin, ev = finetune_config.get_config(), linprobe_config.get_config(), evaluate_config.get_config()
+  assert (ft.job, ft.model, ft.batch_size, ft.num_epochs, ft.warmup_epochs) == (
+      "finetune", "convvit_base", 1024, 100, 5)
+  assert (ft.blr, ft.min_lr, ft.weight_decay, ft.layer_decay, ft.b1, ft.b2) == (
+      5e-4, 1e-6, 0.05, 0.65, 0.9, 0.999)
+  assert (ft.drop_path_rate, ft.mixup, ft.cutmix, ft.mixup_switch_prob, ft.label_smoothing) == (
+      0.1, 0.8, 1.0, 0.5, 0.1)
+  assert (ft.rand_augment, ft.reprob, tuple(ft.crop_scale), ft.crop_pct, ft.head_init_std) == (
+      "rand-m9-mstd0.5-inc1", 0.25, (0.08, 1.0), 0.875, 2e-5)
+  assert (lin.job, lin.batch_size, lin.num_epochs, lin.warmup_epochs, lin.blr, lin.weight_decay) == (
+      "linprobe", 4096, 90, 10, 0.1, 0.0)
+  assert (lin.global_pool, lin.head_init_std, lin.mixup_prob, lin.drop_path_rate) == (False, 0.01, 0.0, 0.0)
+  assert ev.job == "evaluate"
+  for cfg in (ft, lin, ev):
+    plan = validation.validate_classification_config(cfg, num_devices=1, process_count=1)
+    assert plan.model_config.num_classes == 1000 and plan.model_config.img_size == 224
+  assert validation.validate_classification_config(lin, num_devices=1, process_count=1
+                                                   ).model_config.head_batchnorm
+  with pytest.raises(ConfigError, match="rand_augment='rand-x9'"):
+    bad = finetune_config.get_config()
+    bad.rand_augment = "rand-x9"
+    validation.validate_classification_config(bad, num_devices=1, process_count=1)
+
+
+# ------------------------------------------------------------------------------------------------
 # The core: drop path draws new masks every step, the same ones when a step is repeated.
 
 def test_drop_path_masks_change_per_step_and_repeat_on_resume():

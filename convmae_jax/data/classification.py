@@ -168,11 +168,7 @@ def create_train_dataset(
     raise ValueError(f"recipe={recipe!r} is not valid: expected one of {RECIPES}")
   process_index, process_count = pipeline._process_args(process_index, process_count)
   image_size = pipeline._int_arg("image_size", image_size, minimum=1, accepted="> 0 (pixels)")
-  global_batch_size = pipeline._int_arg("global_batch_size", global_batch_size, minimum=1,
-                                        accepted=f"> 0 and divisible by process_count={process_count}")
-  if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} is not valid: it must be divisible "
-                     f"by process_count={process_count}")
+  local_batch = pipeline.batch_args(global_batch_size, process_count)
   start_step = pipeline._int_arg("start_step", start_step, minimum=0, accepted=">= 0")
   scale = pipeline._range_arg("scale", scale, 0.0, 1.0, "(lo, hi) with 0 < lo <= hi <= 1")
   ratio = pipeline._range_arg("ratio", ratio, 0.0, math.inf, "(lo, hi) with 0 < lo <= hi")
@@ -180,7 +176,6 @@ def create_train_dataset(
     raise ValueError(f"reprob={reprob!r} is not valid: expected a probability in [0, 1]")
   ra = augment_lib.parse_rand_augment(rand_augment) if (rand_augment and recipe == "finetune") else None
   reprob = float(reprob) if recipe == "finetune" else 0.0
-  local_batch = global_batch_size // process_count
 
   builder, _ = label_info(dataset_name, split=split, data_dir=data_dir)
   image_key = pipeline._image_key(builder, dataset_name)
@@ -197,15 +192,9 @@ def create_train_dataset(
                             ratio=ratio, rand_augment=ra, reprob=reprob, hflip=hflip)
     return {"image": image, "label": label}
 
-  ds = stream.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local_batch, drop_remainder=True)
-  if prefetch:
-    ds = ds.prefetch(prefetch)
-  opts = tf.data.Options()
-  opts.deterministic = True
-  if threads is not None:
-    opts.threading.private_threadpool_size = threads
-  return pipeline.PretrainIterator(ds.with_options(opts), local_batch_size=local_batch,
+  ds = pipeline.finish(stream.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True),
+                       local_batch, prefetch, threads)
+  return pipeline.PretrainIterator(ds, local_batch_size=local_batch,
                                    num_examples=n, process_index=process_index,
                                    process_count=process_count, start_step=start_step)
 
@@ -249,14 +238,9 @@ def create_eval_dataset(
 
   process_index, process_count = pipeline._process_args(process_index, process_count)
   image_size = pipeline._int_arg("image_size", image_size, minimum=1, accepted="> 0 (pixels)")
-  global_batch_size = pipeline._int_arg("global_batch_size", global_batch_size, minimum=1,
-                                        accepted=f"> 0 and divisible by process_count={process_count}")
-  if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} is not valid: it must be divisible "
-                     f"by process_count={process_count}")
+  local_batch = pipeline.batch_args(global_batch_size, process_count)
   if not 0.0 < float(crop_pct) <= 1.0:
     raise ValueError(f"crop_pct={crop_pct!r} is not valid: expected a fraction in (0, 1]")
-  local_batch = global_batch_size // process_count
   builder, _ = label_info(dataset_name, split=split, data_dir=data_dir)
   image_key = pipeline._image_key(builder, dataset_name)
   tf = pipeline._tf()

@@ -390,6 +390,29 @@ def _seed_pair(*words: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------- public API
 
 
+def batch_args(global_batch_size, process_count: int) -> int:
+  """Checks the global batch and returns this process's share of it."""
+  global_batch_size = _int_arg("global_batch_size", global_batch_size, minimum=1,
+                               accepted=f"> 0 and divisible by process_count={process_count}")
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} is not valid: it must be divisible "
+                     f"by process_count={process_count}")
+  return global_batch_size // process_count
+
+
+def finish(ds, local_batch: int, prefetch: int, threads: int | None):
+  """Batches (dropping the remainder), prefetches and makes a stream deterministic."""
+  tf = _tf()
+  ds = ds.batch(local_batch, drop_remainder=True)
+  if prefetch:
+    ds = ds.prefetch(prefetch)
+  opts = tf.data.Options()
+  opts.deterministic = True
+  if threads is not None:
+    opts.threading.private_threadpool_size = threads
+  return ds.with_options(opts)
+
+
 def augment_seed(seed: int, process_index: int):
   """The per-process TF stateless key that per-example augmentation keys are folded from."""
   tf = _tf()
@@ -501,11 +524,7 @@ def create_pretrain_dataset(
   """
   process_index, process_count = _process_args(process_index, process_count)
   image_size = _int_arg("image_size", image_size, minimum=1, accepted="> 0 (pixels)")
-  global_batch_size = _int_arg("global_batch_size", global_batch_size, minimum=1,
-                               accepted=f"> 0 and divisible by process_count={process_count}")
-  if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} is not valid: it must be divisible "
-                     f"by process_count={process_count}")
+  local_batch = batch_args(global_batch_size, process_count)
   seed = _int_arg("seed", seed, accepted="(any integer)")
   start_step = _int_arg("start_step", start_step, minimum=0, accepted=">= 0")
   shuffle_buffer = _int_arg("shuffle_buffer", shuffle_buffer, minimum=1,
@@ -515,7 +534,6 @@ def create_pretrain_dataset(
     threads = _int_arg("threads", threads, minimum=1, accepted=">= 1 or None")
   scale = _range_arg("scale", scale, 0.0, 1.0, "(lo, hi) with 0 < lo <= hi <= 1")
   ratio = _range_arg("ratio", ratio, 0.0, math.inf, "(lo, hi) with 0 < lo <= hi")
-  local_batch = global_batch_size // process_count
 
   builder = check_dataset(dataset_name, split=split, data_dir=data_dir)
   image_key = _image_key(builder, dataset_name)
@@ -539,15 +557,8 @@ def create_pretrain_dataset(
       img = _resize_normalize(_decode_and_crop(image_bytes, _center_square_box), image_size)
     return {"image": img}
 
-  ds = stream.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local_batch, drop_remainder=True)
-  if prefetch:
-    ds = ds.prefetch(prefetch)
-  opts = tf.data.Options()
-  opts.deterministic = True
-  if threads is not None:
-    opts.threading.private_threadpool_size = threads
-  ds = ds.with_options(opts)
+  ds = finish(stream.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True),
+              local_batch, prefetch, threads)
   return PretrainIterator(ds, local_batch_size=local_batch, num_examples=n,
                           process_index=process_index, process_count=process_count,
                           start_step=start_step)

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from etils import epath
 from flax import nnx
 
@@ -116,13 +114,7 @@ def run(config, workdir: str) -> TrainResult:
   end_step = core.end_step(config, total_steps)
 
   # ===================================== Writers and mesh ======================================
-  workdir_path = epath.Path(workdir)
-  is_chief = jax.process_index() == 0
-  if is_chief:
-    workdir_path.mkdir(parents=True, exist_ok=True)
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-  writer.write_hparams(core.flatten_config(config.to_dict()))
-  mesh = sharding_lib.make_mesh(*plan.mesh_shape)
+  workdir_path, writer, mesh = core.open_workdir(config, workdir, plan.mesh_shape)
 
   # ===================================== Model, optimizer, shardings ===========================
   def create_model():

@@ -172,6 +172,24 @@ def end_step(config, total_steps: int) -> int:
   return min(total_steps, stop_after) if stop_after and stop_after > 0 else total_steps
 
 
+def open_workdir(config, workdir: str, mesh_shape: tuple[int, int]):
+  """Creates ``workdir`` (process 0), the metric writer (TensorBoard on process 0, logging
+  elsewhere) with the config as hparams, and the device mesh. Returns (path, writer, mesh)."""
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  from etils import epath  # pylint: disable=import-outside-toplevel
+
+  path = epath.Path(workdir)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    path.mkdir(parents=True, exist_ok=True)
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  writer.write_hparams(flatten_config(config.to_dict()))
+  mesh = sharding_lib.make_mesh(*mesh_shape)
+  logging.info("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape), jax.device_count(),
+               jax.devices()[0].platform, jax.process_count())
+  return path, writer, mesh
+
+
 # --------------------------------------------------------------------------------------------------
 # Shardings of the training state.
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""ConvMAE pretraining loop: ``train_and_evaluate(config, workdir)``.
+"""ConvMAE pretraining loop and the job entry point: ``train_and_evaluate(config, workdir)`` runs
+``config.job`` ("pretrain" here; "finetune", "linprobe", "evaluate" in ``classification.py``).
 
 Phases, in order: check the config (before any compute) -> mesh, model and shardings -> schedule and
 optimizer -> initialise or resume -> the jitted step -> data -> the loop (metrics, checkpoints,
@@ -20,12 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers, parameter_overview
-from etils import epath
+from clu import parameter_overview
 from flax import nnx
 
 from convmae_jax import checkpoints, data, models, visualize
-from convmae_jax.train import core, input_pipeline, optim, sharding as sharding_lib, validation
+from convmae_jax.train import core, input_pipeline, optim, validation
 
 # Kept for callers of the first release; the shared helpers live in core.
 num_train_examples = core.num_train_examples
@@ -78,15 +78,8 @@ def pretrain(config, workdir: str) -> TrainResult:
   end_step = core.end_step(config, total_steps)
 
   # ===================================== Writers and mesh ======================================
-  workdir_path = epath.Path(workdir)
+  workdir_path, writer, mesh = core.open_workdir(config, workdir, plan.mesh_shape)
   is_chief = jax.process_index() == 0
-  if is_chief:
-    workdir_path.mkdir(parents=True, exist_ok=True)
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-  writer.write_hparams(core.flatten_config(config.to_dict()))
-  mesh = sharding_lib.make_mesh(*plan.mesh_shape)
-  logging.info("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape), jax.device_count(),
-               jax.devices()[0].platform, jax.process_count())
 
   # ===================================== Model (abstract), optimizer and shardings =============
   def create_model():

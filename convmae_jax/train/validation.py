@@ -67,6 +67,14 @@ def model_overrides(config) -> dict[str, Any]:
   return kwargs
 
 
+def _check_image_size(size, stride: int) -> None:
+  if not isinstance(size, int) or isinstance(size, bool) or size < stride or size % stride:
+    lower = (int(size) // stride) * stride if isinstance(size, (int, float)) else 0
+    near = [v for v in (lower, lower + stride) if v >= stride]
+    raise ConfigError(f"config.image_size={size!r} is not accepted: it must be a positive multiple of "
+                      f"the model's total stride {stride}; nearest accepted: {near}.")
+
+
 def _positive_int(config, name: str, *, allow_unset: bool = False) -> None:
   value = config.get(name)
   if allow_unset and value == -1:
@@ -146,12 +154,7 @@ def validate_config(config, *, num_devices: int | None = None,
   kwargs = {k: v for k, v in dict(config.get("model_kwargs", None) or {}).items() if v is not None}
   default_patches = {f.name: f.default for f in dataclasses.fields(models.ConvMAEConfig)}["patch_sizes"]
   stride = math.prod(kwargs.get("patch_sizes", default_patches))
-  size = config.image_size
-  if not isinstance(size, int) or isinstance(size, bool) or size < stride or size % stride:
-    lower = (int(size) // stride) * stride if isinstance(size, (int, float)) else 0
-    near = [v for v in (lower, lower + stride) if v >= stride]
-    raise ConfigError(f"config.image_size={size!r} is not accepted: it must be a positive multiple of "
-                     f"the model's total stride {stride}; nearest accepted: {near}.")
+  _check_image_size(config.image_size, stride)
 
   if config.dtype not in DTYPES:
     raise ConfigError(f"config.dtype={config.dtype!r} is not accepted; use one of {list(DTYPES)}.")
@@ -201,12 +204,7 @@ def validate_classification_config(config, *, num_devices: int | None = None,
   kwargs.update({m: config[c] for m, c in _CLASSIFIER_FIELDS_FROM_CONFIG.items()})
   kwargs["head_batchnorm"] = job == "linprobe"
   stride = math.prod(kwargs.get("patch_sizes", (4, 2, 2)))
-  size = config.image_size
-  if not isinstance(size, int) or isinstance(size, bool) or size < stride or size % stride:
-    lower = (int(size) // stride) * stride if isinstance(size, (int, float)) else 0
-    near = [v for v in (lower, lower + stride) if v >= stride]
-    raise ConfigError(f"config.image_size={size!r} is not accepted: it must be a positive multiple of "
-                      f"the model's total stride {stride}; nearest accepted: {near}.")
+  _check_image_size(config.image_size, stride)
   if not isinstance(config.num_classes, int) or config.num_classes < 1:
     raise ConfigError(f"config.num_classes={config.num_classes!r}: expected a positive integer (the "
                       "dataset's number of classes).")

@@ -1,0 +1,142 @@
+"""Times a fine-tuning step and a linear-probe step of ConvViT, JAX beside the PyTorch twin, in one run.
+
+    python benchmarks/classifier_step.py --model convvit_base --img_size 224 --batch 8 --steps 5
+
+Fine-tuning step: forward + backward + AdamW with layer-wise lr decay, drop path 0.1, soft-target
+cross entropy on mixup-style soft targets (the JAX step is `core.build_train_step`, as the trainer
+runs it). Linear-probe step: the frozen encoder forward (no backward through it) + BatchNorm + head +
+LARS. The two sides alternate A B A B and the medians are compared. Prints one JSON line per job
+with each side's median step time, images/s and the JAX/PyTorch speed ratio.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from convmae_jax import interop, models  # noqa: E402
+from convmae_jax.train import core, losses, optim, sharding as sharding_lib  # noqa: E402
+from convmae_jax.train.classification import _trainable_filter  # noqa: E402
+
+
+def jax_step(job, args):
+  """A compiled (params, opt, rest, batch, step) step and its initial state."""
+  model = models.create(args.model, rngs=nnx.Rngs(0), img_size=args.img_size, num_classes=1000,
+                        drop_path_rate=0.1 if job == "finetune" else 0.0,
+                        global_pool=job == "finetune", head_batchnorm=job == "linprobe",
+                        dtype=args.dtype)
+  trainable = _trainable_filter(job)
+  graphdef, params, rest = nnx.split(model, trainable, ...)
+  cfg = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, weight_decay=0.05, layer_decay=0.65,
+                                       momentum=0.9))
+  schedule = lambda s: 1e-4
+  if job == "finetune":
+    tx = optim.make_finetune_optimizer(cfg, schedule, params)
+  else:
+    cfg.weight_decay = 0.0
+    tx = optim.make_lars_optimizer(cfg, schedule, params)
+  mesh = sharding_lib.make_mesh(-1, 1)
+  sh = core.state_shardings(mesh, params, rest, tx)
+
+  def loss_fn(m, batch):
+    return jnp.mean(losses.soft_target_cross_entropy(m(batch["image"]), batch["target"])), {}
+
+  step = core.build_train_step(graphdef=graphdef, param_filter=trainable, loss_fn=loss_fn, tx=tx,
+                               schedule=schedule, shardings=sh, batch_size=args.batch, seed=0,
+                               batch_keys=("image", "target"))
+  return step, params, tx.init(params), rest
+
+
+def torch_step(job, args):
+  torch.manual_seed(0)
+  model = interop.torch_model(args.model, img_size=args.img_size, num_classes=1000,
+                              drop_path_rate=0.1 if job == "finetune" else 0.0,
+                              global_pool=job == "finetune")
+  if job == "finetune":
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05)
+    trainable = model
+  else:
+    for p in model.parameters():
+      p.requires_grad_(False)
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False,
+                                                          eps=1e-6), model.head)
+    for p in model.head.parameters():
+      p.requires_grad_(True)
+    opt = torch.optim.SGD(model.head.parameters(), lr=1e-4, momentum=0.9)  # LARS costs the same
+    trainable = model.head
+  model.train()
+
+  def step(images, target):
+    logits = model(images)
+    loss = torch.sum(-target * torch.log_softmax(logits, dim=-1), dim=-1).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+  del trainable
+  return step
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--model", default="convvit_base")
+  ap.add_argument("--img_size", type=int, default=224)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--jobs", default="finetune,linprobe")
+  args = ap.parse_args()
+
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(args.batch, args.img_size, args.img_size, 3)).astype(np.float32)
+  target = rng.dirichlet(np.ones(1000), size=args.batch).astype(np.float32)
+  for job in args.jobs.split(","):
+    step, params, opt, rest = jax_step(job, args)
+    batch = {"image": jnp.asarray(images), "target": jnp.asarray(target)}
+    t0 = time.perf_counter()
+    params, opt, rest, m = step(params, opt, rest, batch, np.int32(0))
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    tstep = torch_step(job, args)
+    timg = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    ttarget = torch.from_numpy(target)
+    jt, tt = [], []
+    for i in range(args.warmup + args.steps):
+      t0 = time.perf_counter()
+      params, opt, rest, m = step(params, opt, rest, batch, np.int32(i + 1))
+      jax.block_until_ready(m)
+      t1 = time.perf_counter()
+      tstep(timg, ttarget)
+      t2 = time.perf_counter()
+      if i >= args.warmup:
+        jt.append(t1 - t0)
+        tt.append(t2 - t1)
+    j_med, t_med = statistics.median(jt), statistics.median(tt)
+    print(json.dumps({
+        "job": job, "model": args.model, "img_size": args.img_size, "batch": args.batch,
+        "jax_dtype": args.dtype, "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind), "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "jax_step_s": round(j_med, 4), "torch_step_s": round(t_med, 4),
+        "jax_images_per_s": round(args.batch / j_med, 2),
+        "torch_images_per_s": round(args.batch / t_med, 2),
+        "jax_vs_torch_speed": round(t_med / j_med, 2), "jax_compile_s": round(compile_s, 1)}),
+        flush=True)
+
+
+if __name__ == "__main__":
+  main()
