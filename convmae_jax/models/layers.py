@@ -194,6 +194,29 @@ class DepthwiseConv(nnx.Module):
     return y + self.bias[...].astype(self.dtype)
 
 
+def _cotangent_break(g: jax.Array) -> jax.Array:
+  # XLA cannot fuse through a conditional; both branches are the identity.
+  return jax.lax.cond(jnp.isfinite(g.reshape(-1)[0]), lambda a: a, lambda a: a + 0, g)
+
+
+@jax.custom_vjp
+def _grad_barrier(x: jax.Array) -> jax.Array:
+  return x
+
+
+_grad_barrier.defvjp(lambda x: (x, None), lambda _, g: (_cotangent_break(g),))
+
+
+def grad_barrier(x: jax.Array) -> jax.Array:
+  """The identity, whose backward pass stops XLA:CPU from fusing the cotangent chain of the
+  residual stream into every consumer (it recomputed it there, at a cost quadratic in depth).
+  Used at block inputs and at the depthwise-conv input; a no-op on other backends, where a
+  conditional would cost a host round trip."""
+  if jax.default_backend() != "cpu":
+    return x
+  return _grad_barrier(x)
+
+
 class DropPath(nnx.Module):
   """Stochastic depth per sample (timm semantics): x / keep · floor(keep + U[0,1)).
 
@@ -274,9 +297,11 @@ class CBlock(nnx.Module):
     zero-filled (f+4)² neighbourhoods, so the depthwise conv sees exactly what it sees on the
     masked full map (see `visible.py`).
     """
+    x = grad_barrier(x)
     y = self.conv1(self.norm1(x))
     if visible is not None:
       y = y * visible.astype(y.dtype)
+    y = grad_barrier(y)
     y = self.attn(y) if halo is None else self.attn.valid(halo(y))
     y = self.conv2(y)
     x = x + self.drop_path(y)
@@ -337,5 +362,6 @@ class Block(nnx.Module):
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    x = grad_barrier(x)
     x = x + self.drop_path(self.attn(self.norm1(x)))
     return x + self.drop_path(self.mlp(self.norm2(x)))
