@@ -4,8 +4,13 @@ Flags only; the work is in ``convmae_jax.train.train_and_evaluate``. On multi-ho
 slices, multi-node GPU) jax.distributed is initialised first.
 """
 
+import difflib
+import importlib.util
+import inspect
 import os
 import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")   # TensorFlow's C++ INFO lines say nothing here
 
 from absl import app
 from absl import flags
@@ -30,9 +35,61 @@ def _is_multihost(config) -> bool:
       or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1)               # mpirun
 
 
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_paths(node, prefix: str = "") -> list[str]:
+  out = []
+  for key in node.keys():
+    path = f"{prefix}{key}"
+    out.append(path)
+    child = node[key]
+    if hasattr(child, "keys") and callable(child.keys):
+      out.extend(_config_paths(child, path + "."))
+  return out
+
+
+def check_command_line(argv: list[str]) -> None:
+  """Refuses, before flags are parsed (whose errors are tracebacks), a --config file that does not
+  exist or does not load, and --config.FIELD overrides of fields the config does not have (naming
+  the closest ones). Exit status 2."""
+  spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+  if spec is None:
+    return                                            # absl says --config is required
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    here = os.path.dirname(os.path.abspath(__file__))
+    known = sorted(f for f in os.listdir(os.path.join(here, "configs")) if f.endswith(".py")
+                   and not f.startswith("_"))
+    _fail(f"--config={spec}: no such file {path!r}; the configs are "
+          + ", ".join(f"configs/{f}" for f in known) + " (a size or variant may follow a colon, "
+          "e.g. configs/pretrain.py:large).")
+  try:
+    module_spec = importlib.util.spec_from_file_location("cli_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg or None) if arg else module.get_config()
+  except Exception as e:  # noqa: BLE001 - any failure to build the config is the user's input
+    _fail(f"--config={spec}: could not be loaded ({type(e).__name__}: {e}).")
+  fields = _config_paths(config)
+  for a in argv[1:]:
+    if a.startswith("--config."):
+      name = a[len("--config."):].split("=", 1)[0]
+      if name and name not in fields:
+        close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        source = inspect.getsourcefile(module.get_config) or path
+        _fail(f"--config.{name}: {path} has no field {name!r}.{hint} Every field is listed, with a "
+              f"comment, in {os.path.relpath(source)}.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from convmae_jax.train import core  # pylint: disable=import-outside-toplevel
+  core.quiet_library_logs()
   import jax  # pylint: disable=import-outside-toplevel
   if _is_multihost(FLAGS.config):
     # Cloud TPU, SLURM and Open MPI are detected by JAX; elsewhere set JAX_COORDINATOR_ADDRESS
@@ -41,8 +98,9 @@ def main(argv):
     jax.distributed.initialize(
         num_processes=int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None,
         process_id=int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None)
-  logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
-               jax.local_devices())
+  if jax.process_count() > 1:
+    logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
+                 jax.local_devices())
   from convmae_jax import data, train  # pylint: disable=import-outside-toplevel
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -53,4 +111,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  check_command_line(sys.argv)
   app.run(main)

@@ -1,54 +1,9 @@
-r"""A tiny ConvMAE on the embedded photos: about a minute on a laptop CPU, no download.
+"""A tiny ConvMAE on the embedded photos, for the command line:
 
-    python main.py --config=configs/demo.py --workdir=/tmp/convmae_demo
-    tensorboard --logdir=/tmp/convmae_demo
+    python main.py --config=configs/demo.py --workdir=DIR
 
-Expected result (measured on 2 CPU cores, about 50 s wall including the one-time build of the
-dataset, about 520 img/s): the loss (pixel MSE on masked patches, ImageNet-normalized pixels) falls
-from 1.07 (mean of steps 1-20) to 0.52 at step 500, and
-/tmp/convmae_demo/reconstructions/step_000100.png ... step_000500.png show original | masked |
-reconstruction | raw prediction of the 5 held-out photos, the masked patches turning from noise
-into the right colours and shapes.
+The config is `convmae_jax.configs.demo` (convmae_jax/configs/demo.py: recipe, commands, expected
+results); this file only gives it a path for ``--config``, which loads it by path.
 """
 
-import importlib.util
-import os
-
-import ml_collections
-
-
-def _load_pretrain():
-  """configs/pretrain.py next to this file (config files are loaded by path, not as a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain.py")
-  spec = importlib.util.spec_from_file_location("convmae_configs_pretrain", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """The demo config (``arg`` is ignored)."""
-  del arg
-  c = _load_pretrain().get_config("tiny")
-  c.dataset = "convmae_demo_photos"
-  c.eval_split = "test"           # the 5 held-out photos
-  c.image_size = 96               # 6x6 tokens of 16 px
-  c.crop_scale = (0.2, 1.0)
-  # Plain pixel loss: with 16 training photos the tiny model learns colours and shapes that show in
-  # the figure; the recipe's normalized-pixel loss (configs/pretrain.py) also works here but its
-  # figure borrows each patch's mean and variance from the original.
-  c.norm_pix_loss = False
-  c.dtype = "float32"             # bfloat16 is no faster on CPUs
-  c.batch_size = 32
-  c.num_train_steps = 500
-  c.warmup_steps = 20
-  c.blr = 2e-2                    # lr 2.5e-3 at batch 32: a tiny model trains fast at a high lr
-  c.weight_decay = 0.05
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.checkpoint_every_steps = 200
-  c.keep_checkpoints = 2
-  c.log_every_steps = 20
-  c.recon_every_steps = 100
-  c.recon_num_images = 5
-  return c
+from convmae_jax.configs.demo import get_config  # noqa: F401

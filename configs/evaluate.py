@@ -1,21 +1,9 @@
-r"""Evaluating a ConvViT classifier: top-1, top-5 and loss on a split, printed and written to
-``{workdir}/eval_{split}.json``.
+"""Evaluating a ConvViT classifier, for the command line:
 
-    python main.py --config=configs/evaluate.py --workdir=$HOME/runs/eval \
-      --config.init_from=$HOME/runs/convvit_base_ft/best      # ours (fine-tuning's best checkpoint)
-      # --config.init_from=convvit_base_finetuned.pth         # an official fine-tuned checkpoint
+    python main.py --config=configs/evaluate.py[:size] --workdir=DIR
 
-Expected result for the official fine-tuned ConvMAE-B: 84.98% top-1 / 97.15% top-5 on ImageNet-1k
-validation (resize 256 bicubic, center crop 224). ``configs/evaluate.py:large`` picks another size.
+The config is `convmae_jax.configs.evaluate` (convmae_jax/configs/evaluate.py: recipe, commands,
+expected results); this file only gives it a path for ``--config``, which loads it by path.
 """
 
-import ml_collections
-
-from configs import finetune
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = finetune.get_config(arg)
-  c.job = "evaluate"
-  c.dtype = "float32"
-  return c
+from convmae_jax.configs.evaluate import get_config  # noqa: F401

@@ -1,92 +1,9 @@
-r"""ConvMAE pretraining on ImageNet-1k, the official recipe (ConvMAE PRETRAIN.md).
+"""ConvMAE pretraining, the official recipe, for the command line:
 
-    python main.py --config=configs/pretrain.py --workdir=/path/to/workdir          # ConvMAE-Base
-    python main.py --config=configs/pretrain.py:large --workdir=...                 # another size
+    python main.py --config=configs/pretrain.py[:size] --workdir=DIR
 
-Sizes: tiny, small, base (the only official one), large, huge (unofficial, after the ConvMAE-v2 tables).
-Expected result (Base, 1600 epochs on TFDS imagenet2012 at global batch 3072): the official
-ConvMAE-B encoder reaches 85.0% ImageNet-1k top-1 after fine-tuning (84.4% after 200 pretraining
-epochs). The pretraining loss (normalized-pixel MSE on masked patches) starts near 1.0. The run
-writes TensorBoard logs and reconstruction PNGs in the workdir and resumes from its latest
-checkpoint when restarted on the same workdir.
-
-Every field can be overridden on the command line, e.g.
-    --config.batch_size=4096 --config.mesh.fsdp=8 --config.dtype=float32 --config.num_epochs=800
-A quick check on a CPU with the embedded photos (no ImageNet needed):
-    python main.py --config=configs/pretrain.py --workdir=/tmp/base_smoke \
-      --config.dataset=convmae_demo_photos --config.batch_size=8 --config.num_train_steps=3 \
-      --config.log_every_steps=1
+The config is `convmae_jax.configs.pretrain` (convmae_jax/configs/pretrain.py: recipe, commands,
+expected results); this file only gives it a path for ``--config``, which loads it by path.
 """
 
-import ml_collections
-from ml_collections.config_dict import placeholder
-
-SIZES = ("tiny", "small", "base", "large", "huge")
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Recipe config; ``arg`` is the model size (default "base")."""
-  size = (arg or "base").strip()
-  if size not in SIZES:
-    raise ValueError(f"Unknown model size {size!r} in configs/pretrain.py:{size}; accepted: {SIZES}")
-  c = ml_collections.ConfigDict()
-  c.job = "pretrain"              # pretrain | finetune | linprobe | evaluate (configs/finetune.py, ...)
-
-  # Model: registry name and overrides of any ConvMAEConfig field (embed_dims, depths, ...).
-  c.model = f"convmae_{size}"
-  # Model-size overrides; None = the size table's value. E.g.
-  # --config.model_kwargs.depths="(2,2,8)" --config.model_kwargs.decoder_depth=4
-  c.model_kwargs = ml_collections.ConfigDict({
-      "embed_dims": placeholder(tuple), "depths": placeholder(tuple), "num_heads": placeholder(int),
-      "mlp_ratios": placeholder(tuple), "patch_sizes": placeholder(tuple),
-      "decoder_embed_dim": placeholder(int), "decoder_depth": placeholder(int),
-      "decoder_num_heads": placeholder(int), "decoder_mlp_ratio": placeholder(float),
-      "conv_impl": placeholder(str),     # "visible" (default) | "dense": same function
-      "dwconv_impl": placeholder(str),   # "auto" (default) | "shift" | "lax": same function
-  })
-  c.image_size = 224              # pixels; a multiple of the total stride 16
-  c.mask_ratio = 0.75             # fraction of the (image_size/16)^2 tokens removed
-  c.norm_pix_loss = True          # regress per-patch normalized pixels
-  c.dtype = "bfloat16"            # compute dtype ("float32" | "bfloat16"); params stay float32
-  c.remat = False                 # recompute activations in the backward pass (less memory)
-
-  # Data: TFDS name, splits, crop. Images are RandomResizedCrop(image_size, crop_scale, bicubic),
-  # random horizontal flip, ImageNet mean/std normalization.
-  c.dataset = "imagenet2012"
-  c.data_dir = ""                 # TFDS data_dir; "" = TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
-  c.train_split = "train"
-  c.eval_split = ""               # held-out images for the figure; "" = "validation" or else "test"
-  c.crop_scale = (0.2, 1.0)
-  c.num_train_examples = -1       # for epochs -> steps; -1 = read from the dataset info
-  c.prefetch = 2                  # batches assembled on the devices ahead of the step
-
-  # Optimization: AdamW, lr = blr * batch_size / 256, warmup then half-cosine per step.
-  c.batch_size = 3072             # global (all devices, all processes); PRETRAIN.md: 128 x 24 GPUs
-  c.grad_accum_steps = 1          # micro-batches per step (batch_size is still the global batch)
-  c.num_epochs = 1600
-  c.num_train_steps = -1          # when set (> 0) overrides num_epochs
-  c.warmup_epochs = 40
-  c.warmup_steps = -1             # when set (>= 0) overrides warmup_epochs
-  c.blr = 1.5e-4
-  c.min_lr = 0.0
-  c.weight_decay = 0.05           # on all >= 2-D params incl. mask_token; none on biases/norms
-  c.b1 = 0.9
-  c.b2 = 0.95
-  c.seed = 0
-
-  # Devices: mesh axis sizes; -1 = the rest. Batch over data x fsdp; params sharded over fsdp.
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.jax_distributed = False       # force jax.distributed.initialize() (auto on TPU pods/SLURM)
-
-  # Checkpoints, logs, figures (steps = optimizer updates).
-  c.checkpoint_every_steps = 1000
-  c.keep_checkpoints = 3
-  c.log_every_steps = 100
-  c.recon_every_steps = 5000
-  c.recon_at_end = True           # also write the figure after the last step
-  c.recon_num_images = 8
-  c.init_from = ""                # workdir or model-only checkpoint to take the initial weights from
-  c.stop_after_steps = -1         # end this run (with a checkpoint) at this step; schedule unchanged
-  return c
+from convmae_jax.configs.pretrain import get_config  # noqa: F401

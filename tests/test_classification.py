@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import finetune as finetune_config
-from configs import linprobe as linprobe_config
 from convmae_jax import checkpoints, models
+from convmae_jax.configs import finetune as finetune_config
+from convmae_jax.configs import linprobe as linprobe_config
 from convmae_jax.data import classification as cls_data
 from convmae_jax.train import ConfigError, core, sharding as sharding_lib, trainer
 
@@ -62,7 +62,7 @@ def run(workdir, job="finetune", **overrides):
 # Configs.
 
 def test_finetune_linprobe_evaluate_configs_are_the_official_recipes():
-  from configs import evaluate as evaluate_config
+  from convmae_jax.configs import evaluate as evaluate_config
   from convmae_jax.train import validation
   ft, lin, ev = finetune_config.get_config(), linprobe_config.get_config(), evaluate_config.get_config()
   assert (ft.job, ft.model, ft.batch_size, ft.num_epochs, ft.warmup_epochs) == (

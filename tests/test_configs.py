@@ -1,6 +1,6 @@
-"""Config files, config checks (before any compute) and the learning-rate schedule."""
+"""Config modules and command-line files, config checks (before any compute), the lr schedule."""
 
-import importlib.util
+import glob
 import math
 import os
 
@@ -9,17 +9,50 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from convmae_jax import models
+from convmae_jax import configs, models
 from convmae_jax.train import optim, trainer, validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return configs.get_config(name, arg)
+
+
+def load_config_file(path_and_arg):
+  """``--config=path[:arg]`` as main.py reads it (ml_collections loads the file by path)."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["prog", f"--config={path_and_arg}"]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_config_modules_and_command_line_files_match():
+  """convmae_jax/configs has the modules `NAMES` lists; configs/ has one command-line file each."""
+  def stems(folder):
+    return {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, *folder, "*.py"))}
+  assert stems(["convmae_jax", "configs"]) - {"__init__"} == set(configs.NAMES)
+  assert stems(["configs"]) == set(configs.NAMES)   # no configs/__init__.py: files, not a package
+
+
+@pytest.mark.parametrize("name,arg", [
+    ("pretrain", None), ("pretrain", "large"), ("demo", None), ("finetune", None),
+    ("finetune", "small"), ("linprobe", "tiny"), ("evaluate", "large"), ("demo_finetune", None),
+    ("demo_linprobe", None)])
+def test_command_line_file_gives_the_package_config(name, arg):
+  path = os.path.join(ROOT, "configs", f"{name}.py") + (f":{arg}" if arg else "")
+  assert load_config_file(path).to_dict() == configs.get_config(name, arg).to_dict()
+
+
+def test_get_config_by_name():
+  assert configs.get_config("finetune", "large").model == "convvit_large"
+  assert configs.get_config("demo_linprobe").job == "linprobe"
+  with pytest.raises(ValueError, match=r"'demo\.py'; available: pretrain, demo, finetune"):
+    configs.get_config("demo.py")
 
 
 def test_pretrain_config_is_the_official_recipe():
@@ -150,3 +183,22 @@ def test_model_kwargs_override_from_the_command_line():
   fv(argv)
   assert tuple(fv.config.model_kwargs.embed_dims) == (16, 24, 32)
   assert validation.model_overrides(fv.config)["decoder_depth"] == 3
+
+
+def test_every_field_the_training_code_reads_is_declared():
+  """config.get("x"), config.x and config["x"] in convmae_jax/train/*.py name declared fields."""
+  import glob
+  import re
+  declared = set()
+  for name in ("pretrain", "finetune", "linprobe"):
+    declared |= set(configs.get_config(name).keys())
+  read = set()
+  for path in glob.glob(os.path.join(ROOT, "convmae_jax", "train", "*.py")):
+    with open(path) as f:
+      src = f.read()
+    read |= set(re.findall(r"config\.get\(\"([a-z_0-9]+)\"", src))
+    read |= set(re.findall(r"config\[\"([a-z_0-9]+)\"\]", src))
+    read |= {m for m in re.findall(r"\bconfig\.([a-z_][a-z_0-9]*)\b", src)
+             if m not in ("get", "to_dict", "to_json_best_effort", "unlocked", "keys", "items", "json")}
+  missing = sorted(read - declared)
+  assert not missing, f"read but not declared in any config: {missing}"

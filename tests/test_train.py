@@ -3,7 +3,6 @@
 One step; 1 device vs 8 virtual devices (data 4 x fsdp 2); stop and resume; NaN stop.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ import tensorflow_datasets as tfds
 from flax import nnx
 
 from convmae_jax import checkpoints, models
+from convmae_jax.configs import pretrain as pretrain_config
 from convmae_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,10 +42,7 @@ TINY = {
 
 
 def make_config(**overrides):
-  spec = importlib.util.spec_from_file_location("cfg_pretrain", os.path.join(ROOT, "configs", "pretrain.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("tiny")
+  c = pretrain_config.get_config("tiny")
   for key, value in {**TINY, **overrides}.items():
     if key not in c and "." not in key:
       with c.unlocked():
@@ -227,3 +224,16 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
   assert stopped.startswith("STOPPED_BY=SIGTERM") and 3 <= step < 100000
   assert checkpoints.latest_step(tmp_path) == step   # the only checkpoint: the one at the stop
   assert "run the same command again to resume" in err
+
+
+def test_console_files_and_profile_trace(tmp_path):
+  """parameters.txt and config.json in the workdir; profile_steps=(1, 2) writes a trace of step 2."""
+  run(tmp_path, num_train_steps=2, warmup_steps=1, profile_steps=(1, 2))
+  table = (tmp_path / "parameters.txt").read_text()
+  assert table.startswith("convmae_tiny ") and "blocks3/0/attn/qkv/kernel" in table
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(
+      models.create("convmae_tiny", rngs=nnx.Rngs(0), img_size=32), nnx.Param)))
+  assert f"{n:,} trainable parameters" in table
+  assert json.loads((tmp_path / "config.json").read_text())["image_size"] == 32
+  traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces

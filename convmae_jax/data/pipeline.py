@@ -23,6 +23,8 @@ global_batch_size, image_size, augment, scale, ratio, shuffle_buffer)``: the seq
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import operator
 import os
@@ -212,8 +214,10 @@ def _prepare_demo(builder) -> None:
   was_active = getattr(tqdm_utils, "_active", True)
   tfds.display_progress_bar(False)
   try:
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." for a local build: quiet.
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP))
   except Exception:
     if not builder.is_prepared():  # not just another process finishing first
       raise

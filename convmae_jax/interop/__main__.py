@@ -102,6 +102,10 @@ def _atomic_write(out: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates 0600; give the file the permissions any new file gets (umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
@@ -278,8 +282,16 @@ def cmd_import(args) -> int:
         value = getattr(args, field)
         if value is not None:
             overrides[field] = value
+    stored_name, stored = None, {}
+    if str(args.torch).lower().endswith(".safetensors"):
+        # An export stores the model's name and every config field (norm_pix_loss, mask ratio,
+        # sizes); the tensors alone cannot tell those.
+        from convmae_jax.api import safetensors_model_fields
+        stored_name, stored = safetensors_model_fields(args.torch)
     if args.model:
-        name, kwargs = args.model, overrides
+        name, kwargs = args.model, ({**stored, **overrides} if args.model == stored_name else overrides)
+    elif stored_name:
+        name, kwargs = stored_name, {**stored, **overrides}
     else:
         name, kwargs = infer_model(sd)
         kwargs.update(overrides)

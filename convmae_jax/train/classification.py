@@ -74,12 +74,13 @@ def evaluate_model(eval_step, params, rest, eval_data, batch_sharding) -> dict[s
           "loss": float(sums["loss"]) / n, "num_examples": int(round(n))}
 
 
-def run(config, workdir: str) -> TrainResult:
+def run(config, workdir: str, *, on_log=None) -> TrainResult:
   """Runs ``config.job`` ("finetune", "linprobe" or "evaluate") in ``workdir``."""
   # ===================================== Config checks (no compute) ============================
   job = config.job
   plan = validation.validate_classification_config(config)
   core.quiet_library_logs()
+  core.check_workdir(workdir)
   data_dir = config.get("data_dir") or None
   try:
     if job != "evaluate":
@@ -125,9 +126,7 @@ def run(config, workdir: str) -> TrainResult:
   graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, trainable, ...)
   abstract_model.eval()
   graphdef_eval, _, _ = nnx.split(abstract_model, trainable, ...)
-  n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
-  logging.info("%s %s %s: %.2fM trainable parameters.", job, config.model,
-               plan.model_config.to_dict(), n_params / 1e6)
+  core.write_parameter_table(workdir_path, abstract_params, config.model, plan.model_config)
   schedule = core.make_schedule(config, total_steps, warmup_steps)
   if job == "finetune":
     tx = optim.make_finetune_optimizer(config, schedule, abstract_params)
@@ -235,12 +234,14 @@ def run(config, workdir: str) -> TrainResult:
   window = core.MetricsWindow(
       writer=writer, total_steps=total_steps, batch_size=batch_size, start_step=start_step,
       steps_per_epoch=steps_per_epoch if n_examples else None,
-      last_checkpoint=lambda: f"step {ckpt_mgr.latest_step()} in {ckpt_mgr.directory}")
+      last_checkpoint=lambda: f"step {ckpt_mgr.latest_step()} in {ckpt_mgr.directory}",
+      on_log=on_log)
   best_dir = workdir_path / BEST_SUBDIR
   eval_every = config.eval_every_steps
   logging.info("Training steps %d..%d of %d (global batch %d); evaluating on %d examples of %r "
                "every %s steps.", start_step + 1, end_step, total_steps, batch_size,
                eval_data.num_examples, config.eval_split, eval_every if eval_every > 0 else "(end only)")
+  profiler = core.Profiler(config, workdir_path)
   try:
     with core.StopRequest() as stop:
       for step in range(start_step, end_step):
@@ -248,6 +249,7 @@ def run(config, workdir: str) -> TrainResult:
         batch = next(batches)
         params, opt_state, rest, metrics = train_step(params, opt_state, rest, batch, np.int32(step))
         window.add(done, metrics)
+        profiler(done, metrics)
         result.stopped_by = stop.requested(done, ckpt_mgr)
         result.step = done
         is_last = done == end_step or result.stopped_by is not None
@@ -281,6 +283,8 @@ def run(config, workdir: str) -> TrainResult:
         if result.stopped_by is not None:
           break
   finally:
+    profiler.close()
+    window.close()
     batches.close()
     ckpt_mgr.wait_until_finished()
     ckpt_mgr.close()

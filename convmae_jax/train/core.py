@@ -22,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import logging as std_logging
 import math
+import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Mapping
@@ -54,17 +56,42 @@ def stream_key(seed: int, stream: int) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 # Logging and config helpers.
 # --------------------------------------------------------------------------------------------------
-class _DropLibraryInfo(std_logging.Filter):
-  """Orbax logs dozens of INFO lines per checkpoint; keep its warnings and errors only."""
+_PROJECT_PATHS = (os.sep + "convmae_jax" + os.sep, os.sep + "main.py")
+# Library warnings that say nothing a user can act on.
+_NOISE = ("has no dataset_info.json",)
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Keeps this project's INFO lines and every library's warnings and errors; drops the INFO
+  chatter of JAX, TFDS, Orbax and clu (backend probing, dataset info, checkpoint internals)."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "orbax" not in (record.pathname or "")
+    path = record.pathname or ""
+    if any(p in path for p in _PROJECT_PATHS):
+      return True
+    if record.levelno < std_logging.WARNING:
+      return False
+    return not any(n in record.getMessage() for n in _NOISE)
 
 
 def quiet_library_logs() -> None:
-  logger = logging.get_absl_logger()  # Orbax logs through absl
-  if not any(isinstance(f, _DropLibraryInfo) for f in logger.filters):
-    logger.addFilter(_DropLibraryInfo())
+  """Installs the filter on absl's handler (and the root logger's handlers), so records of every
+  logger that reaches the console pass it. TensorFlow's C++ INFO lines are hidden as well."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  handlers = [logging.get_absl_handler()] + list(std_logging.getLogger().handlers)
+  for handler in handlers:
+    if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+      handler.addFilter(_QuietLibraries())
+
+
+def in_notebook() -> bool:
+  """True inside a Jupyter/Colab kernel (where absl's log lines are not shown by default)."""
+  shell = sys.modules.get("IPython")
+  try:
+    return shell is not None and "ipykernel" in sys.modules and \
+        shell.get_ipython() is not None and hasattr(shell.get_ipython(), "kernel")
+  except Exception:  # noqa: BLE001 - any doubt: not a notebook
+    return False
 
 
 def flatten_config(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -172,22 +199,91 @@ def end_step(config, total_steps: int) -> int:
   return min(total_steps, stop_after) if stop_after and stop_after > 0 else total_steps
 
 
+class _NullWriter:
+  """The metric writer of processes other than 0: they write nothing."""
+
+  def __getattr__(self, name):
+    return lambda *args, **kwargs: None
+
+
+def check_workdir(workdir: str) -> None:
+  """ConfigError, before anything is written, when ``workdir`` is a file or cannot be written."""
+  path = os.fspath(workdir)
+  if "://" in path:                                    # gs://...: checked by the first write
+    return
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"--workdir={path!r} is a file; give a folder (it is created if missing).")
+  parent = path
+  while parent and not os.path.exists(parent):
+    parent = os.path.dirname(parent.rstrip(os.sep)) or (os.sep if path.startswith(os.sep) else ".")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir={path!r} cannot be written ({parent!r} is not writable for this "
+                      "user); give a folder you can write to.")
+
+
 def open_workdir(config, workdir: str, mesh_shape: tuple[int, int]):
-  """Creates ``workdir`` (process 0), the metric writer (TensorBoard on process 0, logging
-  elsewhere) with the config as hparams, and the device mesh. Returns (path, writer, mesh)."""
+  """Creates ``workdir`` (process 0) with ``config.json``, the TensorBoard writer (process 0; the
+  console gets its own progress line, so the writer does not echo scalars) and the device mesh.
+  Returns (path, writer, mesh)."""
   from clu import metric_writers  # pylint: disable=import-outside-toplevel
   from etils import epath  # pylint: disable=import-outside-toplevel
 
   path = epath.Path(workdir)
-  is_chief = jax.process_index() == 0
-  if is_chief:
+  if jax.process_index() == 0:
     path.mkdir(parents=True, exist_ok=True)
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+    writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.fspath(workdir)))
+  else:
+    writer = _NullWriter()
   writer.write_hparams(flatten_config(config.to_dict()))
   mesh = sharding_lib.make_mesh(*mesh_shape)
-  logging.info("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape), jax.device_count(),
-               jax.devices()[0].platform, jax.process_count())
+  logging.info("%s job on %d %s device(s) in %d process(es), mesh %s. Outputs in %s: checkpoints/, "
+               "TensorBoard logs (tensorboard --logdir=%s), config.json, parameters.txt.",
+               config.get("job", "pretrain"), jax.device_count(), jax.devices()[0].platform,
+               jax.process_count(), dict(mesh.shape), workdir, workdir)
   return path, writer, mesh
+
+
+def write_parameter_table(workdir_path, params, name: str, model_config) -> None:
+  """The per-parameter table into ``parameters.txt`` (process 0); one summary line on the console."""
+  from clu import parameter_overview  # pylint: disable=import-outside-toplevel
+
+  n = sum(x.size for x in jax.tree.leaves(params))
+  if jax.process_index() == 0:
+    table = parameter_overview.get_parameter_overview(nnx.to_pure_dict(params), include_stats=False)
+    (workdir_path / "parameters.txt").write_text(
+        f"{name} {model_config.to_dict()}\n{n:,} trainable parameters\n{table}\n")
+  logging.info("Model %s: %.2fM trainable parameters (table in %s).", name, n / 1e6,
+               workdir_path / "parameters.txt")
+
+
+class Profiler:
+  """``config.profile_steps = (a, b)``: a jax.profiler trace of steps a+1..b into
+  ``{workdir}/profile`` (TensorBoard's profile plugin or Perfetto open it); (0, 0) = off."""
+
+  def __init__(self, config, workdir_path):
+    steps = tuple(config.get("profile_steps", (0, 0)) or (0, 0))
+    self.start, self.stop = (int(steps[0]), int(steps[1])) if len(steps) == 2 else (0, 0)
+    self.dir = os.fspath(workdir_path / "profile")
+    self.active = False
+
+  def __call__(self, done: int, metrics=None) -> None:
+    """Call after step ``done`` was dispatched."""
+    if self.stop <= self.start:
+      return
+    if done == self.start and not self.active:
+      jax.profiler.start_trace(self.dir)
+      self.active = True
+    elif done == self.stop and self.active:
+      jax.block_until_ready(metrics)
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info("Profile of steps %d..%d written to %s.", self.start + 1, self.stop, self.dir)
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,7 +424,7 @@ class MetricsWindow:
 
   def __init__(self, *, writer, total_steps: int, batch_size: int, start_step: int,
                steps_per_epoch: float | None = None, last_checkpoint: Callable[[], str] = lambda: "?",
-               label: str = "step"):
+               label: str = "step", on_log: Callable[[int, dict], None] | None = None):
     self.writer = writer
     self.total_steps = total_steps
     self.batch_size = batch_size
@@ -341,6 +437,8 @@ class MetricsWindow:
     self.core_hours = 0.0
     self._start, self._first = time.perf_counter(), start_step
     self._run_start_step = start_step
+    self._bar = None
+    self.on_log = on_log
 
   def add(self, step: int, metrics: dict) -> None:
     """Records step ``step``'s (device) metrics; times the first step of the run separately."""
@@ -388,14 +486,40 @@ class MetricsWindow:
     self.writer.write_scalars(step, scalars)
     extra = "".join(f" | {k} {scalars[k]:.4g}" for k in sorted(w[0])
                     if k not in ("loss", "grad_norm", "learning_rate"))
-    logging.info("%s %d/%d | loss %.4f | lr %.3g | grad_norm %.3f%s | %.1f img/s (%.1f/device) | "
-                 "eta %s", self.label, step, self.total_steps, scalars["loss"],
-                 scalars["learning_rate"], scalars["grad_norm"], extra,
-                 scalars.get("images_per_sec", float("nan")),
-                 scalars.get("images_per_sec_per_device", float("nan")), format_eta(eta))
+    line = (f"{self.label} {step}/{self.total_steps} | loss {scalars['loss']:.4f} | lr "
+            f"{scalars['learning_rate']:.3g} | grad_norm {scalars['grad_norm']:.3f}{extra} | "
+            f"{scalars.get('images_per_sec', float('nan')):.1f} img/s "
+            f"({scalars.get('images_per_sec_per_device', float('nan')):.1f}/device) | eta {format_eta(eta)}")
+    self._report(step, line, scalars)
+    if self.on_log is not None:
+      self.on_log(step, dict(scalars))
     self.window.clear()
     self.restart(step)
     return scalars
+
+  def _report(self, step: int, line: str, scalars: dict) -> None:
+    """The progress line: absl INFO under main.py; a progress bar in a notebook; printed when a
+    script runs the trainer with absl's INFO lines hidden (outside app.run)."""
+    if in_notebook():
+      if self._bar is None:
+        from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+        self._bar = tqdm(total=self.total_steps, initial=self._run_start_step, desc=self.label,
+                         unit="step", dynamic_ncols=True)
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['learning_rate']:.3g}",
+                            img_s=f"{scalars.get('images_per_sec', float('nan')):.1f}",
+                            refresh=True)
+      if step >= self.total_steps:
+        self.close()
+    elif logging.level_info():
+      logging.info("%s", line)
+    else:
+      print(line, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import parameter_overview
 from flax import nnx
 
 from convmae_jax import checkpoints, data, models, visualize
@@ -47,17 +46,21 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------------
 # The trainer.
 # --------------------------------------------------------------------------------------------------
-def train_and_evaluate(config, workdir: str) -> TrainResult:
+def train_and_evaluate(config, workdir: str, *, on_log=None) -> TrainResult:
   """Runs the job ``config.job`` (default "pretrain"); pretraining is this module, fine-tuning,
-  linear probing and evaluation are in ``convmae_jax.train.classification``."""
+  linear probing and evaluation are in ``convmae_jax.train.classification``.
+
+  ``on_log(step, scalars)``, if given, is called at every log step with the scalars of the
+  progress line (loss, learning_rate, grad_norm, images_per_sec, ...), e.g. for a live plot.
+  """
   job = config.get("job", "pretrain")
   if job != "pretrain":
     from convmae_jax.train import classification  # pylint: disable=import-outside-toplevel
-    return classification.run(config, workdir)
-  return pretrain(config, workdir)
+    return classification.run(config, workdir, on_log=on_log)
+  return pretrain(config, workdir, on_log=on_log)
 
 
-def pretrain(config, workdir: str) -> TrainResult:
+def pretrain(config, workdir: str, *, on_log=None) -> TrainResult:
   """Pretrains ``config.model`` on ``config.dataset``, resuming from ``workdir`` when it has checkpoints.
 
   Writes TensorBoard events and ``reconstructions/step_XXXXXX.png`` under ``workdir`` and Orbax
@@ -68,12 +71,25 @@ def pretrain(config, workdir: str) -> TrainResult:
   # ===================================== Config checks (no compute) ============================
   plan = validation.validate_config(config)
   core.quiet_library_logs()
+  core.check_workdir(workdir)
   # Missing data or a bad split stops the run here, saying where TFDS looked and how to prepare it.
-  data.check_dataset(config.dataset, split=config.train_split, data_dir=config.get("data_dir") or None)
+  try:
+    data.check_dataset(config.dataset, split=config.train_split,
+                       data_dir=config.get("data_dir") or None)
+  except data.DatasetNotPreparedError:
+    raise
+  except ValueError as e:
+    raise validation.ConfigError(f"config.train_split / config.dataset: {e}") from None
   init_from = config.get("init_from", "") or ""
-  if init_from and checkpoints.latest_step(init_from) is None:
-    raise validation.ConfigError(f"config.init_from={init_from!r} holds no checkpoint; accepted: a workdir or "
-                     "checkpoints folder written by training or `python -m convmae_jax.interop import`.")
+  if init_from:
+    try:
+      found = checkpoints.latest_step(init_from)
+    except Exception as e:  # noqa: BLE001 - an unreadable folder
+      raise validation.ConfigError(f"config.init_from={init_from!r} cannot be read: {e}") from None
+    if found is None:
+      raise validation.ConfigError(
+          f"config.init_from={init_from!r} holds no checkpoint; accepted: a workdir or checkpoints "
+          "folder written by training or `python -m convmae_jax.interop import`.")
   n_examples, total_steps, warmup_steps, steps_per_epoch = core.resolve_schedule(config)
   end_step = core.end_step(config, total_steps)
 
@@ -87,11 +103,7 @@ def pretrain(config, workdir: str) -> TrainResult:
 
   abstract_model = nnx.eval_shape(create_model)
   graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
-  n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
-  logging.info("Model %s %s: %.2fM trainable parameters.\n%s", config.model,
-               plan.model_config.to_dict(), n_params / 1e6,
-               parameter_overview.get_parameter_overview(nnx.to_pure_dict(abstract_params),
-                                                         include_stats=False))
+  core.write_parameter_table(workdir_path, abstract_params, config.model, plan.model_config)
   patch_size = abstract_model.patch_size
   num_patches = abstract_model.num_patches
   model_meta = {"model_name": config.model, "model_kwargs": plan.model_config.to_dict()}
@@ -133,7 +145,12 @@ def pretrain(config, workdir: str) -> TrainResult:
     params, rest = jax.jit(init, out_shardings=(sh.params, sh.rest))()
     if init_from:
       model = nnx.merge(graphdef, params, rest)
-      meta = checkpoints.load_into(init_from, model)
+      try:
+        meta = checkpoints.load_into(init_from, model)
+      except Exception as e:  # noqa: BLE001 - anything unreadable in the user's folder
+        ckpt_mgr.close()
+        raise validation.ConfigError(
+            f"config.init_from={init_from!r} cannot be loaded ({type(e).__name__}: {e})") from None
       _, params, rest = nnx.split(model, nnx.Param, ...)
       logging.info("Initialised the weights from %s (%s, step %s).", init_from,
                    meta.get("model_name"), meta.get("step"))
@@ -177,9 +194,11 @@ def pretrain(config, workdir: str) -> TrainResult:
   window = core.MetricsWindow(
       writer=writer, total_steps=total_steps, batch_size=batch_size, start_step=start_step,
       steps_per_epoch=steps_per_epoch if n_examples else None,
-      last_checkpoint=lambda: f"step {ckpt_mgr.latest_step()} in {ckpt_mgr.directory}")
+      last_checkpoint=lambda: f"step {ckpt_mgr.latest_step()} in {ckpt_mgr.directory}",
+      on_log=on_log)
   logging.info("Training steps %d..%d of %d (global batch %d).", start_step + 1, end_step,
                total_steps, batch_size)
+  profiler = core.Profiler(config, workdir_path)
   try:
     with core.StopRequest() as stop:
       for step in range(start_step, end_step):
@@ -188,6 +207,7 @@ def pretrain(config, workdir: str) -> TrainResult:
         params, opt_state, rest, metrics = train_step(params, opt_state, rest,
                                                       {"image": batch["image"]}, np.int32(step))
         window.add(done, metrics)
+        profiler(done, metrics)
         result.stopped_by = stop.requested(done, ckpt_mgr)
         result.step = done
         is_last = done == end_step or result.stopped_by is not None
@@ -207,6 +227,8 @@ def pretrain(config, workdir: str) -> TrainResult:
         if result.stopped_by is not None:
           break
   finally:
+    profiler.close()
+    window.close()
     batches.close()
     ckpt_mgr.wait_until_finished()
     ckpt_mgr.close()
