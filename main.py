@@ -108,6 +108,10 @@ def main(argv):
     # A bad config value or missing data: found before any compute; the message says what to do.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except core.NonFiniteLossError as e:
+    # The message names the step and the last (finite) checkpoint to resume from.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == "__main__":

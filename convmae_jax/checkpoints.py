@@ -75,14 +75,17 @@ def _no_checkpoint_error(directory, ckpt_dir, step=None, steps=()) -> FileNotFou
 
 
 def create_manager(directory: str | os.PathLike, *, max_to_keep: int | None = None,
-                   async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
+                   async_save: bool = True, read_only: bool = False,
+                   keep_period: int | None = None) -> ocp.CheckpointManager:
   """An Orbax ``CheckpointManager`` over the ``checkpoints/`` folder of ``directory``.
 
   A writer (``read_only=False``) creates the folder and removes unfinished
-  (``*.orbax-checkpoint-tmp``) folders left by a killed run; a reader does neither.
+  (``*.orbax-checkpoint-tmp``) folders left by a killed run; a reader does neither. Besides the
+  last ``max_to_keep``, every step divisible by ``keep_period`` is kept for good.
   """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
+      keep_period=keep_period or None,
       enable_async_checkpointing=async_save,
       # Readers leave a concurrent writer's unfinished folders alone (and do not create anything).
       cleanup_tmp_directories=not read_only,

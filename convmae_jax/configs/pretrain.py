@@ -84,6 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Checkpoints, logs, figures (steps = optimizer updates).
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
+  c.keep_period = 0               # also keep every keep_period-th step for good (e.g. one per 100 epochs); 0 = off
   c.async_checkpointing = True    # write checkpoints in the background while training goes on
   c.log_every_steps = 100
   c.recon_every_steps = 5000
@@ -92,4 +93,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init_from = ""                # workdir or model-only checkpoint to take the initial weights from
   c.stop_after_steps = -1         # end this run (with a checkpoint) at this step; schedule unchanged
   c.profile_steps = (0, 0)        # (a, b): jax.profiler trace of steps a+1..b into {workdir}/profile
+  # A non-finite loss: "stop" (a message naming the step and the last checkpoint, exit status 3) or
+  # "skip" (the update is not applied, the step is counted and logged; the run stops after
+  # max_consecutive_skips skipped steps in a row).
+  c.nonfinite = "stop"
+  c.max_consecutive_skips = 10
+  # Resuming with another batch_size or seed than the checkpoint's is refused unless this is True
+  # (the continuation then differs from the original run); another model never resumes.
+  c.allow_resume_changes = False
   return c

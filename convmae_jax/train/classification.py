@@ -146,14 +146,23 @@ def run(config, workdir: str, *, on_log=None) -> TrainResult:
       num_examples=config.eval_num_examples if config.eval_num_examples > 0 else None)
 
   # ===================================== Initialise or resume ==================================
-  ckpt_mgr = checkpoints.create_manager(workdir, max_to_keep=config.get("keep_checkpoints", 3),
-                                        async_save=config.get("async_checkpointing", True))
-  latest = ckpt_mgr.latest_step()
-  best_top1 = -1.0
-  if latest is not None:
+  ckpt_mgr = core.open_checkpoints(config, workdir)
+
+  def restore(mgr, step):
+    # The config must fit the checkpoint (checked on its meta alone, before any array is read).
+    validation.check_resume(core.read_train_meta(mgr, step), config, plan.model_config, mgr.directory)
     a_model = nnx.eval_shape(create_model)
     _, a_params, a_rest = nnx.split(a_model, trainable, ...)
-    params, opt_state, rest, meta = core.restore_train_state(ckpt_mgr, latest, a_params, a_rest, sh, tx)
+    return core.restore_train_state(mgr, step, a_params, a_rest, sh, tx)
+
+  try:
+    ckpt_mgr, latest, restored = core.restore_readable(config, workdir, ckpt_mgr, restore)
+  except validation.ConfigError:
+    ckpt_mgr.close()
+    raise
+  best_top1 = -1.0
+  if latest is not None:
+    params, opt_state, rest, meta = restored
     start_step = int(meta.get("step", latest))
     best_top1 = float(meta.get("best_top1", -1.0))
     logging.info("Resumed from %s at step %d.", ckpt_mgr.directory, start_step)
@@ -209,7 +218,8 @@ def run(config, workdir: str, *, on_log=None) -> TrainResult:
   train_step = core.build_train_step(
       graphdef=graphdef, param_filter=trainable, loss_fn=loss_fn, tx=tx, schedule=schedule,
       shardings=sh, batch_size=batch_size, grad_accum_steps=config.grad_accum_steps,
-      remat=config.get("remat", False), seed=config.seed, batch_keys=("image", "label"),
+      remat=config.get("remat", False), seed=config.seed,
+      skip_nonfinite=config.get("nonfinite", "stop") == "skip", batch_keys=("image", "label"),
       prepare=prepare)
   eval_step = jax.jit(_eval_metrics_fn(graphdef_eval),
                       in_shardings=(sh.params, sh.rest, {k: sh.batch for k in ("image", "label", "valid")}),
@@ -235,7 +245,8 @@ def run(config, workdir: str, *, on_log=None) -> TrainResult:
       writer=writer, total_steps=total_steps, batch_size=batch_size, start_step=start_step,
       steps_per_epoch=steps_per_epoch if n_examples else None,
       last_checkpoint=lambda: f"step {ckpt_mgr.latest_step()} in {ckpt_mgr.directory}",
-      on_log=on_log)
+      on_log=on_log, nonfinite=config.get("nonfinite", "stop"),
+      max_consecutive_skips=config.get("max_consecutive_skips", 10))
   best_dir = workdir_path / BEST_SUBDIR
   eval_every = config.eval_every_steps
   logging.info("Training steps %d..%d of %d (global batch %d); evaluating on %d examples of %r "
@@ -283,6 +294,7 @@ def run(config, workdir: str, *, on_log=None) -> TrainResult:
         if result.stopped_by is not None:
           break
   finally:
+    result.skipped_steps = list(window.skipped_steps)
     profiler.close()
     window.close()
     batches.close()

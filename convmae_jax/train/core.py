@@ -332,7 +332,7 @@ PrepareFn = Callable[[dict, jax.Array], dict]
 def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.GradientTransformation,
                      schedule, shardings: StateShardings, batch_size: int, grad_accum_steps: int = 1,
                      remat: bool = False, seed: int, batch_keys: tuple[str, ...] = ("image",),
-                     prepare: PrepareFn | None = None):
+                     prepare: PrepareFn | None = None, skip_nonfinite: bool = False):
   """The jitted training step ``(params, opt_state, rest, batch, step) -> (params, opt_state, rest,
   metrics)``.
 
@@ -347,7 +347,10 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
   * ``grad_accum_steps > 1``: micro-batch ``k`` takes rows ``k, k+accum, ...`` so every device keeps
     its own rows; gradients, losses and ``loss_fn``'s scalars are averaged. ``remat``: keep only
     weight-matmul outputs and recompute convs, norms, activations and attention in the backward pass.
-  * metrics: ``loss``, ``grad_norm``, ``learning_rate`` and ``loss_fn``'s own scalars.
+  * metrics: ``loss``, ``grad_norm``, ``learning_rate``, ``skipped`` and ``loss_fn``'s own scalars.
+  * ``skip_nonfinite``: a step whose loss or gradient norm is not finite changes nothing
+    (parameters, optimizer state and statistics keep their values; ``skipped`` = 1), so no
+    non-finite value ever reaches the state or a checkpoint.
   Parameters, optimizer state and ``rest`` are donated.
   """
   accum = int(grad_accum_steps)
@@ -368,6 +371,7 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
   grad_fn = jax.value_and_grad(compute, has_aux=True)
 
   def train_step(p, opt, r, batch, step):
+    r_in = r
     drop_key = jax.random.fold_in(dropout_key, step)
     if prepare is not None:
       batch = prepare(dict(batch), step)
@@ -395,11 +399,19 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
       loss = loss / accum
       aux = jax.tree.map(lambda a: a / accum, aux)
       grads = jax.tree.map(lambda g: g / accum, grads)
-    updates, opt = tx.update(grads, opt, p)
-    p = optax.apply_updates(p, updates)
-    metrics = {**aux, "loss": loss, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": schedule(step)}
-    return p, opt, r, metrics
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt = tx.update(grads, opt, p)
+    new_p = optax.apply_updates(p, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+      keep = lambda new, old: jnp.where(ok, new, old) if jnp.issubdtype(new.dtype, jnp.floating) \
+          else new
+      new_p = jax.tree.map(keep, new_p, p)
+      new_opt = jax.tree.map(keep, new_opt, opt)
+      r = jax.tree.map(keep, r, r_in)
+    metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(step),
+               "skipped": 1.0 - ok.astype(jnp.float32)}
+    return new_p, new_opt, r, metrics
 
   return jax.jit(train_step,
                  in_shardings=(shardings.params, shardings.opt_state, shardings.rest, batch_sh,
@@ -424,7 +436,8 @@ class MetricsWindow:
 
   def __init__(self, *, writer, total_steps: int, batch_size: int, start_step: int,
                steps_per_epoch: float | None = None, last_checkpoint: Callable[[], str] = lambda: "?",
-               label: str = "step", on_log: Callable[[int, dict], None] | None = None):
+               label: str = "step", on_log: Callable[[int, dict], None] | None = None,
+               nonfinite: str = "stop", max_consecutive_skips: int = 10):
     self.writer = writer
     self.total_steps = total_steps
     self.batch_size = batch_size
@@ -439,6 +452,10 @@ class MetricsWindow:
     self._run_start_step = start_step
     self._bar = None
     self.on_log = on_log
+    self.nonfinite = nonfinite
+    self.max_consecutive_skips = max_consecutive_skips
+    self.consecutive_skips = 0
+    self.skipped_steps: list[int] = []
 
   def add(self, step: int, metrics: dict) -> None:
     """Records step ``step``'s (device) metrics; times the first step of the run separately."""
@@ -454,14 +471,30 @@ class MetricsWindow:
     self._start, self._first = time.perf_counter(), step
 
   def fetch(self) -> None:
-    """Moves the pending metrics to the host; raises NonFiniteLossError at the first bad loss."""
+    """Moves the pending metrics to the host. A non-finite loss raises NonFiniteLossError with
+    ``nonfinite="stop"``; with "skip" the (already skipped) step is counted and logged, and more
+    than ``max_consecutive_skips`` in a row raise."""
     for s, m in jax.device_get(self.pending):
-      if not np.isfinite(m["loss"]):
+      bad = bool(m.get("skipped", 0.0)) or not np.isfinite(m["loss"])
+      if bad and self.nonfinite == "skip":
+        self.consecutive_skips += 1
+        self.skipped_steps.append(s)
+        logging.warning("step %d: loss %s, grad norm %s: the update was skipped (%d in a row; the "
+                        "run stops after %d).", s, float(m["loss"]), float(m["grad_norm"]),
+                        self.consecutive_skips, self.max_consecutive_skips)
+        if self.consecutive_skips > self.max_consecutive_skips:
+          raise NonFiniteLossError(
+              f"{self.consecutive_skips} consecutive steps up to step {s} had a non-finite loss and "
+              f"were skipped; stopping. The last checkpoint is {self.last_checkpoint()}; lower "
+              "config.blr, or use config.dtype='float32' if it was bfloat16.")
+        continue
+      if bad:
         raise NonFiniteLossError(
             f"Loss is {float(m['loss'])} at step {s} (grad norm {float(m['grad_norm'])}, lr "
             f"{float(m['learning_rate']):.3g}); stopping. The last checkpoint is "
             f"{self.last_checkpoint()}; lower config.blr, or use config.dtype='float32' if it was "
-            "bfloat16.")
+            "bfloat16, or --config.nonfinite=skip to skip such steps.")
+      self.consecutive_skips = 0
       self.window.append(m)
     self.pending.clear()
 
@@ -472,7 +505,12 @@ class MetricsWindow:
     steps_timed = step - self._first
     self.core_hours += elapsed * self.num_devices / 3600.0
     w = self.window
-    scalars = {k: float(np.mean([m[k] for m in w])) for k in w[0] if k != "learning_rate"}
+    if not w:                          # every step of the window was skipped
+      self.restart(step)
+      return {"loss": float("nan"), "skipped_steps": float(len(self.skipped_steps))}
+    scalars = {k: float(np.mean([m[k] for m in w])) for k in w[0]
+               if k not in ("learning_rate", "skipped")}
+    scalars["skipped_steps"] = float(len(self.skipped_steps))
     scalars["learning_rate"] = float(w[-1]["learning_rate"])
     scalars["core_hours"] = self.core_hours
     if self.steps_per_epoch and math.isfinite(self.steps_per_epoch):
@@ -485,7 +523,9 @@ class MetricsWindow:
                      eta_hours=eta / 3600.0)
     self.writer.write_scalars(step, scalars)
     extra = "".join(f" | {k} {scalars[k]:.4g}" for k in sorted(w[0])
-                    if k not in ("loss", "grad_norm", "learning_rate"))
+                    if k not in ("loss", "grad_norm", "learning_rate", "skipped"))
+    if self.skipped_steps:
+      extra += f" | skipped {len(self.skipped_steps)}"
     line = (f"{self.label} {step}/{self.total_steps} | loss {scalars['loss']:.4f} | lr "
             f"{scalars['learning_rate']:.3g} | grad_norm {scalars['grad_norm']:.3f}{extra} | "
             f"{scalars.get('images_per_sec', float('nan')):.1f} img/s "
@@ -571,6 +611,58 @@ def save_train_state(ckpt_mgr, step: int, params, rest, opt_state, meta: dict) -
       checkpoints.OPT_STATE_ITEM: ocp.args.StandardSave(opt_state),
       checkpoints.META_ITEM: ocp.args.JsonSave(meta),
   }), force=True)
+
+
+def open_checkpoints(config, workdir: str):
+  """The training CheckpointManager of ``workdir`` (last ``keep_checkpoints`` steps, plus every
+  ``keep_period``-th step for good, written asynchronously unless ``async_checkpointing`` is off)."""
+  return checkpoints.create_manager(workdir, max_to_keep=config.get("keep_checkpoints", 3),
+                                    async_save=config.get("async_checkpointing", True),
+                                    keep_period=config.get("keep_period", 0) or None)
+
+
+def restore_readable(config, workdir: str, ckpt_mgr, restore: Callable[[Any, int], Any]):
+  """``restore(ckpt_mgr, step)`` of the latest step that can be read.
+
+  A step that cannot be read (a file truncated or lost after the save, an interrupted copy) is
+  said so in the log, moved aside to ``{step}.damaged`` (never deleted) and the previous step is
+  tried. A ConfigError from ``restore`` (a config that does not fit) is raised as it is. Returns
+  ``(ckpt_mgr, step, restored)``, step None when no step is left; ``ckpt_mgr`` may be a new one.
+  """
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  while True:
+    step = ckpt_mgr.latest_step()
+    if step is None:
+      return ckpt_mgr, None, None
+    try:
+      return ckpt_mgr, step, restore(ckpt_mgr, step)
+    except ConfigError:
+      raise
+    except Exception as e:  # noqa: BLE001 - whatever broke the read, this step is unusable
+      path = epath.Path(ckpt_mgr.directory) / str(step)
+      aside = path.parent / f"{step}.damaged"
+      n = 1
+      while aside.exists():
+        n += 1
+        aside = path.parent / f"{step}.damaged{n}"
+      logging.warning("The checkpoint of step %d in %s cannot be read (%s: %s); it is moved to %s "
+                      "and the previous checkpoint is used.", step, ckpt_mgr.directory,
+                      type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "", aside)
+      ckpt_mgr.close()
+      if jax.process_index() == 0:
+        path.rename(aside)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+      ckpt_mgr = open_checkpoints(config, workdir)
+
+
+def read_train_meta(ckpt_mgr, step: int) -> dict:
+  """The ``meta`` item of a training checkpoint alone (cheap: no array is read)."""
+  restored = ckpt_mgr.restore(step, args=ocp.args.Composite(**{
+      checkpoints.META_ITEM: ocp.args.JsonRestore()}))
+  return dict(restored[checkpoints.META_ITEM] or {})
 
 
 def restore_train_state(ckpt_mgr, step: int, abstract_params, abstract_rest,

@@ -41,6 +41,7 @@ class TrainResult:
   workdir: str
   stopped_by: str | None = None   # "SIGTERM", "SIGINT" or "preemption" when the run was asked to stop
   metrics: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)  # eval results
+  skipped_steps: list[int] = dataclasses.field(default_factory=list)  # nonfinite="skip"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,19 +125,29 @@ def pretrain(config, workdir: str, *, on_log=None) -> TrainResult:
                                    sh.replicated, writer, is_chief)
 
   # ===================================== Initialise or resume ==================================
-  ckpt_mgr = checkpoints.create_manager(workdir, max_to_keep=config.get("keep_checkpoints", 3),
-                                        async_save=config.get("async_checkpointing", True))
-  latest = ckpt_mgr.latest_step()
-  if latest is not None:
+  ckpt_mgr = core.open_checkpoints(config, workdir)
+
+  def restore(mgr, step):
+    # The config must fit the checkpoint (checked on its meta alone, before any array is read).
+    validation.check_resume(core.read_train_meta(mgr, step), config, plan.model_config, mgr.directory)
     a_model = nnx.eval_shape(create_model)
     _, a_params, a_rest = nnx.split(a_model, nnx.Param, ...)
-    params, opt_state, rest, meta = core.restore_train_state(ckpt_mgr, latest, a_params, a_rest, sh, tx)
+    return core.restore_train_state(mgr, step, a_params, a_rest, sh, tx)
+
+  try:
+    ckpt_mgr, latest, restored = core.restore_readable(config, workdir, ckpt_mgr, restore)
+  except validation.ConfigError:
+    ckpt_mgr.close()
+    raise
+  if latest is not None:
+    params, opt_state, rest, meta = restored
     start_step = int(meta.get("step", latest))
     if meta.get("seed", config.seed) != config.seed or meta.get("batch_size",
                                                                 config.batch_size) != config.batch_size:
-      logging.warning("Resuming step %d written with seed=%s batch_size=%s, now seed=%s batch_size=%s: "
-                      "the continuation will not match the original run.", start_step, meta.get("seed"),
-                      meta.get("batch_size"), config.seed, config.batch_size)
+      logging.warning("Resuming step %d written with seed=%s batch_size=%s, now seed=%s batch_size=%s "
+                      "(config.allow_resume_changes): the continuation differs from the original run.",
+                      start_step, meta.get("seed"), meta.get("batch_size"), config.seed,
+                      config.batch_size)
     logging.info("Resumed from %s at step %d.", ckpt_mgr.directory, start_step)
   else:
     def init():
@@ -174,7 +185,8 @@ def pretrain(config, workdir: str, *, on_log=None) -> TrainResult:
   train_step = core.build_train_step(
       graphdef=graphdef, param_filter=nnx.Param, loss_fn=loss_fn, tx=tx, schedule=schedule,
       shardings=sh, batch_size=batch_size, grad_accum_steps=config.grad_accum_steps,
-      remat=config.get("remat", False), seed=config.seed, batch_keys=("image",), prepare=prepare)
+      remat=config.get("remat", False), seed=config.seed,
+      skip_nonfinite=config.get("nonfinite", "stop") == "skip", batch_keys=("image",), prepare=prepare)
 
   # ===================================== Data ==================================================
   result = TrainResult(step=start_step, losses={}, model=None, workdir=str(workdir))
@@ -195,7 +207,8 @@ def pretrain(config, workdir: str, *, on_log=None) -> TrainResult:
       writer=writer, total_steps=total_steps, batch_size=batch_size, start_step=start_step,
       steps_per_epoch=steps_per_epoch if n_examples else None,
       last_checkpoint=lambda: f"step {ckpt_mgr.latest_step()} in {ckpt_mgr.directory}",
-      on_log=on_log)
+      on_log=on_log, nonfinite=config.get("nonfinite", "stop"),
+      max_consecutive_skips=config.get("max_consecutive_skips", 10))
   logging.info("Training steps %d..%d of %d (global batch %d).", start_step + 1, end_step,
                total_steps, batch_size)
   profiler = core.Profiler(config, workdir_path)
@@ -227,6 +240,7 @@ def pretrain(config, workdir: str, *, on_log=None) -> TrainResult:
         if result.stopped_by is not None:
           break
   finally:
+    result.skipped_steps = list(window.skipped_steps)
     profiler.close()
     window.close()
     batches.close()

@@ -119,6 +119,10 @@ def _check_mesh_batch_steps(config, num_devices: int, process_count: int) -> tup
   for name in ("blr", "weight_decay", "min_lr"):
     if config.get(name, 0.0) < 0:
       raise ConfigError(f"config.{name}={config.get(name)!r} must be >= 0.")
+  if config.get("nonfinite", "stop") not in ("stop", "skip"):
+    raise ConfigError(f"config.nonfinite={config.nonfinite!r} is not accepted; use 'stop' or 'skip'.")
+  if config.get("nonfinite", "stop") == "skip":
+    _positive_int(config, "max_consecutive_skips")
   for name in ("b1", "b2"):
     if name in config and not 0.0 <= config[name] < 1.0:
       raise ConfigError(f"config.{name}={config[name]!r} must lie in [0, 1).")
@@ -250,3 +254,35 @@ def validate_classification_config(config, *, num_devices: int | None = None,
   except ValueError as e:
     raise ConfigError(f"model {config.model}: {e}") from None
   return RunPlan(mesh_shape=mesh_shape, model_overrides=kwargs, model_config=model_config)
+
+
+# Model fields that decide the parameters' shapes; another value cannot resume a checkpoint.
+_SHAPE_FIELDS = ("img_size", "in_chans", "patch_sizes", "embed_dims", "depths", "num_heads",
+                 "mlp_ratios", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
+                 "decoder_mlp_ratio", "num_classes", "global_pool", "head_batchnorm")
+
+
+def check_resume(meta: dict, config, model_config, directory) -> None:
+  """ConfigError, before anything is restored, when the checkpoint in ``directory`` was written by
+  another model, or with another batch size or seed (unless ``config.allow_resume_changes``)."""
+  problems = []
+  if meta.get("model_name") not in (None, config.model):
+    problems.append(f"model {meta.get('model_name')!r} (now {config.model!r})")
+  saved = meta.get("model_kwargs") or {}
+  now = model_config.to_dict()
+  for field in _SHAPE_FIELDS:
+    if field in saved and field in now and saved[field] != now[field]:
+      problems.append(f"model field {field}={saved[field]!r} (now {now[field]!r})")
+  model_problems = list(problems)
+  for field in ("batch_size", "seed"):
+    if field in meta and meta[field] != config[field]:
+      problems.append(f"{field}={meta[field]!r} (now {config[field]!r})")
+  if not problems:
+    return
+  if not model_problems and config.get("allow_resume_changes", False):
+    return
+  fix = ("use another --workdir for another model" if model_problems else
+         "use the checkpoint's values, another --workdir, or --config.allow_resume_changes=True to "
+         "continue with the new ones (the run then differs from the original)")
+  raise ConfigError(f"The checkpoint in {directory} (step {meta.get('step')}) was written with "
+                    + ", ".join(problems) + f"; {fix}.")
