@@ -99,7 +99,11 @@ def main():
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--jobs", default="finetune,linprobe")
+  ap.add_argument("--grad_barrier", default="on", choices=("on", "off"),
+                  help="off: layers.grad_barrier becomes the plain identity (to measure what it saves)")
   args = ap.parse_args()
+  if args.grad_barrier == "off":
+    models.layers.grad_barrier = lambda x: x
 
   rng = np.random.default_rng(0)
   images = rng.normal(size=(args.batch, args.img_size, args.img_size, 3)).astype(np.float32)
@@ -128,7 +132,7 @@ def main():
     j_med, t_med = statistics.median(jt), statistics.median(tt)
     print(json.dumps({
         "job": job, "model": args.model, "img_size": args.img_size, "batch": args.batch,
-        "jax_dtype": args.dtype, "backend": jax.default_backend(),
+        "jax_dtype": args.dtype, "grad_barrier": args.grad_barrier, "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind), "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "jax_step_s": round(j_med, 4), "torch_step_s": round(t_med, 4),

@@ -36,7 +36,11 @@ def main():
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--dwconv_impl", default="auto")
   ap.add_argument("--conv_impl", default="visible", help="visible | dense (same function)")
+  ap.add_argument("--grad_barrier", default="on", choices=("on", "off"),
+                  help="off: layers.grad_barrier becomes the plain identity (to measure what it saves)")
   args = ap.parse_args()
+  if args.grad_barrier == "off":
+    models.layers.grad_barrier = lambda x: x
 
   model = models.create(args.model, rngs=nnx.Rngs(0), img_size=args.img_size, dtype=args.dtype,
                         dwconv_impl=args.dwconv_impl, conv_impl=args.conv_impl)
@@ -72,7 +76,7 @@ def main():
   print(json.dumps({
       "model": args.model, "img_size": args.img_size, "batch": args.batch, "dtype": args.dtype,
       "dwconv_impl": models.layers.resolve_dwconv_impl(args.dwconv_impl),
-      "conv_impl": args.conv_impl,
+      "conv_impl": args.conv_impl, "grad_barrier": args.grad_barrier,
       "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
       "cpu": platform.processor() or platform.machine(),
       "step_s_median": round(med, 4), "step_s_all": [round(t, 4) for t in times],

@@ -126,8 +126,7 @@ def init_classifier(model, source: str | os.PathLike | dict, *, step: int | None
   if expect == "pretraining":
     # The encoder only: the head (and a linear probe's norm statistics) start fresh.
     sd = {k: v for k, v in sd.items() if not k.startswith(convert.CLASSIFIER_ONLY_PREFIXES)}
-  report = convert.load_torch_state_dict(model, sd, strict=True) if strict else \
-      convert.load_torch_state_dict(model, sd, strict=False)
+  report = convert.load_torch_state_dict(model, sd, strict=strict)
   if expect == "pretraining":
     bad = [k for k in report.missing if not k.startswith(convert.CLASSIFIER_ONLY_PREFIXES)]
     if bad:
