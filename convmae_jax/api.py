@@ -143,11 +143,15 @@ def reconstruct(model, images, *, seed: int = 0, mask_ratio: float | None = None
   images = np.asarray(images, np.float32)
   if images.ndim != 4 or images.shape[1:] != (size, size, 3):
     raise ValueError(f"images must be (N, {size}, {size}, 3) for this model, got {images.shape}")
-  if mask_ratio is not None and mask_ratio != model.config.mask_ratio:
+  if (mask_ratio is not None and mask_ratio != model.config.mask_ratio) or \
+      model.config.complementary_masks:
     import dataclasses
 
     from flax import nnx
-    twin = models.ConvMAE(dataclasses.replace(model.config, mask_ratio=mask_ratio), rngs=nnx.Rngs(0))
+    # One mask per image for the figure, also for a model trained with complementary masks.
+    twin = models.ConvMAE(dataclasses.replace(
+        model.config, mask_ratio=model.config.mask_ratio if mask_ratio is None else mask_ratio,
+        complementary_masks=False), rngs=nnx.Rngs(0))
     nnx.update(twin, nnx.state(model))    # same weights, another number of visible tokens
     model = twin
   noise = jax.random.uniform(jax.random.key(seed), (images.shape[0], model.num_patches))

@@ -51,7 +51,7 @@ def test_command_line_file_gives_the_package_config(name, arg):
 def test_get_config_by_name():
   assert configs.get_config("finetune", "large").model == "convvit_large"
   assert configs.get_config("demo_linprobe").job == "linprobe"
-  with pytest.raises(ValueError, match=r"'demo\.py'; available: pretrain, demo, finetune"):
+  with pytest.raises(ValueError, match=r"'demo\.py'; available: pretrain, fastconvmae, demo, finetune"):
     configs.get_config("demo.py")
 
 

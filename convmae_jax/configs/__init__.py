@@ -1,6 +1,7 @@
 """Configs as code: each module has ``get_config(arg)`` returning an ``ml_collections.ConfigDict``.
 
   pretrain        ConvMAE pretraining on ImageNet-1k, the official recipe (arg: model size)
+  fastconvmae     FastConvMAE pretraining (complementary masks), its published recipe (arg: size)
   demo            a tiny ConvMAE on the embedded photos, about a minute on a CPU
   finetune        fine-tuning a pretrained encoder (ConvViT) on ImageNet-1k (arg: model size)
   linprobe        linear probing of a pretrained encoder on ImageNet-1k (arg: model size)
@@ -23,7 +24,7 @@ import importlib
 
 import ml_collections
 
-NAMES = ("pretrain", "demo", "finetune", "linprobe", "evaluate", "demo_finetune", "demo_linprobe")
+NAMES = ("pretrain", "fastconvmae", "demo", "finetune", "linprobe", "evaluate", "demo_finetune", "demo_linprobe")
 
 
 def get_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:

@@ -47,6 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.image_size = 224              # pixels; a multiple of the total stride 16
   c.mask_ratio = 0.75             # fraction of the (image_size/16)^2 tokens removed
   c.norm_pix_loss = True          # regress per-patch normalized pixels
+  # FastConvMAE: split each image's tokens into 1/(1 - mask_ratio) complementary visible groups
+  # that cover it once; the loss averages the groups (configs/fastconvmae.py has its recipe).
+  c.complementary_masks = False
   c.dtype = "bfloat16"            # compute dtype ("float32" | "bfloat16"); params stay float32
   c.remat = False                 # recompute activations in the backward pass (less memory)
 

@@ -104,6 +104,14 @@ class ConvMAEConfig(EncoderConfig):
   mask_ratio: float = 0.75
   norm_pix_loss: bool = True
   conv_impl: str = "visible"
+  complementary_masks: bool = False
+
+  @property
+  def num_groups(self) -> int:
+    """Complementary visible groups per image (1 without complementary masks)."""
+    if not self.complementary_masks:
+      return 1
+    return int(round(1.0 / (1.0 - float(self.mask_ratio))))
 
   def validate(self) -> None:
     super().validate()
@@ -117,6 +125,21 @@ class ConvMAEConfig(EncoderConfig):
           f"{self.decoder_num_heads} and by 4")
     if self.conv_impl not in ("visible", "dense"):
       raise ValueError(f"conv_impl {self.conv_impl!r} is not one of ('visible', 'dense')")
+    if self.complementary_masks:
+      k = 1.0 / (1.0 - float(self.mask_ratio))
+      groups = int(round(k))
+      if abs(k - groups) > 1e-6 or groups < 2:
+        raise ValueError(
+            f"complementary_masks needs 1/(1 - mask_ratio) to be an integer >= 2; mask_ratio "
+            f"{self.mask_ratio} gives {k:.4g}. Accepted ratios: 0.5, 0.6667, 0.75, 0.8, 0.8333, ...")
+      visible_count = int(self.num_patches * (1 - self.mask_ratio))
+      if self.num_patches % groups or self.num_patches // groups != visible_count:
+        raise ValueError(
+            f"complementary_masks splits the {self.num_patches} tokens (img_size {self.img_size}) "
+            f"into {groups} equal groups of visible tokens, but {self.num_patches} tokens at "
+            f"mask_ratio {self.mask_ratio} give {visible_count} visible tokens, not "
+            f"{self.num_patches}/{groups}; pick an img_size whose token count is a multiple of "
+            f"{groups} (and the exact ratio 1 - 1/{groups})")
 
 
 @dataclasses.dataclass(frozen=True)

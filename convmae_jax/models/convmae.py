@@ -129,6 +129,11 @@ class ConvMAE(nnx.Module):
     return self.config.num_patches
 
   @property
+  def num_groups(self) -> int:
+    """Complementary mask groups per image: rows of pred/mask per image (1 without them)."""
+    return self.config.num_groups
+
+  @property
   def len_keep(self) -> int:
     return masking.num_visible(self.num_patches, self.config.mask_ratio)
 
@@ -163,10 +168,44 @@ class ConvMAE(nnx.Module):
     gather = lambda t: masking.gather_tokens(t, ids_keep)
     return gather(x), gather(s1), gather(s2)
 
+  def _dense_stages_groups(self, images, ids_keep, mask):
+    """Stages 1–2 once on the full maps for complementary groups (FastConvMAE's formulation):
+    every position is masked by its own group, then each group's tokens are gathered.
+
+    ids_keep (N·G, V) and mask (N·G, L) are the groups' rows, sample-major.
+    """
+    g1, g2, g3 = self.config.grid_sizes
+    n, groups = images.shape[0], self.config.num_groups
+    member = 1.0 - mask                                                    # (N·G, L), 1 = in group
+
+    def group_maps(factor):
+      m = masking.upsample_mask(member, g3, factor).reshape(n, groups, g3 * factor, g3 * factor)
+      return jnp.moveaxis(m, 1, -1)                                        # (N, H, W, G)
+
+    groups1, groups2 = group_maps(g1 // g3), group_maps(g2 // g3)
+    x = self.patch_embed1(images.astype(self.config.jnp_dtype))
+    for blk in self.blocks1:
+      x = blk(x, groups=groups1)
+    s1 = self.stage1_output_decode(x).reshape(n, g3 * g3, -1)
+    x = self.patch_embed2(x)
+    for blk in self.blocks2:
+      x = blk(x, groups=groups2)
+    s2 = self.stage2_output_decode(x).reshape(n, g3 * g3, -1)
+    x = self.patch_embed3(x).reshape(n, g3 * g3, -1)
+    gather = lambda t: masking.gather_tokens(jnp.repeat(t, groups, axis=0), ids_keep)
+    return gather(x), gather(s1), gather(s2)
+
   def _visible_stages(self, images, ids_keep, ids_restore):
-    """Stages 1–2 on the visible tokens' cells only (exactly equal to `_dense_stages`)."""
+    """Stages 1–2 on the visible tokens' cells only (exactly equal to `_dense_stages`).
+
+    With complementary groups, ids_keep has N·G rows (sample-major) for N images: each group's
+    cells are taken from its own image, so every position is computed once, in its own group.
+    """
     g3 = self.config.grid_sizes[2]
-    x = visible.image_cells(images.astype(self.config.jnp_dtype), ids_keep, self.patch_size)
+    n, groups = images.shape[0], self.config.num_groups
+    x = visible.image_cells(images.astype(self.config.jnp_dtype),
+                            ids_keep.reshape(n, -1), self.patch_size)
+    x = x.reshape((n * groups, -1) + x.shape[2:])
     x = visible.map_cells(self.patch_embed1, x)
     halo = lambda y: visible.halo_windows(y, ids_keep, ids_restore, g3, pad=2)
     for blk in self.blocks1:
@@ -185,9 +224,11 @@ class ConvMAE(nnx.Module):
     """Stages 1–2 and patch_embed3 for the kept tokens, by `config.conv_impl`.
 
     Returns (tokens after patch_embed3, stage-1 decode, stage-2 decode), each (N, K, D) in
-    ids_keep order.
+    ids_keep order (N·G rows with G complementary groups; see `encode`).
     """
     if self.config.conv_impl == "dense":
+      if self.config.num_groups > 1:
+        return self._dense_stages_groups(images, ids_keep, mask)
       return self._dense_stages(images, ids_keep, mask)
     return self._visible_stages(images, ids_keep, ids_restore)
 
@@ -200,8 +241,12 @@ class ConvMAE(nnx.Module):
         model's `masking` rng stream.
     Returns:
       latent (N, len_keep, D) in ids_keep order, mask (N, L) (1 = removed), ids_restore (N, L).
+      With `complementary_masks` (G groups) each comes with N·G rows, row n·G + g being group g of
+      image n: its visible tokens are the g-th block of len_keep tokens in ascending-noise order.
     """
     noise = self._check_inputs(images, noise)
+    if self.config.num_groups > 1:
+      noise = masking.complementary_noise(noise, self.config.num_groups)
     ids_keep, mask, ids_restore = masking.random_masking(noise, self.len_keep)
     x, s1, s2 = self.conv_stages(images, ids_keep, ids_restore, mask)
     # patch_embed4 and the position embedding act per token, so they run on the kept ones only.
@@ -228,7 +273,13 @@ class ConvMAE(nnx.Module):
     return masked_patch_loss(images, pred, mask, self.patch_size, self.config.norm_pix_loss)
 
   def __call__(self, images: jax.Array, noise: jax.Array | None = None):
-    """Returns (loss scalar float32, pred (N, L, P²·C), mask (N, L) with 1 = removed)."""
+    """Returns (loss scalar float32, pred (N, L, P²·C), mask (N, L) with 1 = removed).
+
+    With `complementary_masks` (G groups), pred and mask have N·G rows (row n·G + g: group g of
+    image n) and the loss is the mean of the groups' losses (they mask equally many tokens).
+    """
     latent, mask, ids_restore = self.encode(images, noise)
     pred = self.decode(latent, ids_restore)
-    return self.loss(images, pred, mask), pred, mask
+    groups = self.config.num_groups
+    targets = images if groups == 1 else jnp.repeat(images, groups, axis=0)
+    return self.loss(targets, pred, mask), pred, mask

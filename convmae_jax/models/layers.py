@@ -290,19 +290,30 @@ class CBlock(nnx.Module):
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
   def __call__(self, x: jax.Array, visible: jax.Array | None = None, *,
-               halo: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+               halo: Callable[[jax.Array], jax.Array] | None = None,
+               groups: jax.Array | None = None) -> jax.Array:
     """x (N,H,W,C); visible (N,H,W,1) with 1 = visible, or None (no masking).
 
     With `halo`, x holds only the visible cells (N, K, f, f, C) and `halo` maps them to their
     zero-filled (f+4)² neighbourhoods, so the depthwise conv sees exactly what it sees on the
     masked full map (see `visible.py`).
+
+    With `groups` (N,H,W,G), disjoint 0/1 masks covering the map (FastConvMAE's complementary
+    masks), each position gets the depthwise conv of its own group only: Σ_g m_g·dwconv(m_g·y).
     """
     x = grad_barrier(x)
     y = self.conv1(self.norm1(x))
     if visible is not None:
       y = y * visible.astype(y.dtype)
     y = grad_barrier(y)
-    y = self.attn(y) if halo is None else self.attn.valid(halo(y))
+    if groups is not None:
+      m = jnp.moveaxis(groups.astype(y.dtype), -1, 0)[..., None]          # (G, N, H, W, 1)
+      per_group = self.attn((y[None] * m).reshape((-1,) + y.shape[1:])).reshape(m.shape[:4] + y.shape[-1:])
+      y = jnp.sum(per_group * m, axis=0)
+    elif halo is None:
+      y = self.attn(y)
+    else:
+      y = self.attn.valid(halo(y))
     y = self.conv2(y)
     x = x + self.drop_path(y)
     return x + self.drop_path(self.mlp(self.norm2(x)))

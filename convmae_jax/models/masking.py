@@ -41,3 +41,19 @@ def upsample_mask(mask: jax.Array, grid_size: int, factor: int) -> jax.Array:
 def gather_tokens(x: jax.Array, ids: jax.Array) -> jax.Array:
   """x (N, L, D), ids (N, K) -> (N, K, D)."""
   return jnp.take_along_axis(x, ids[:, :, None], axis=1)
+
+
+def complementary_noise(noise: jax.Array, num_groups: int) -> jax.Array:
+  """FastConvMAE's complementary masks as masking noise.
+
+  The tokens of each row, in ascending-noise order, are split into `num_groups` consecutive groups
+  of L/num_groups; group g keeps tokens ids_shuffle[g·V:(g+1)·V]. Returns (N·num_groups, L) noise,
+  row n·num_groups + g for group g of sample n, whose `random_masking` keeps exactly that group
+  (in the same order) and masks the rest: the ranks rolled by g·V.
+  """
+  n, length = noise.shape
+  group = length // num_groups
+  rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1).astype(jnp.float32)      # (N, L)
+  shift = (jnp.arange(num_groups, dtype=jnp.float32) * group)[None, :, None]
+  rolled = jnp.mod(rank[:, None, :] - shift, float(length))                      # (N, G, L)
+  return rolled.reshape(n * num_groups, length)

@@ -292,8 +292,11 @@ class _ReconstructionFigure:
         (self.images.shape[0], num_patches), jnp.float32)
 
     def predict(p, r, images):
-      _, pred, mask = nnx.merge(graphdef, p, r)(images, noise=noise)
-      return pred.astype(jnp.float32), mask.astype(jnp.float32)
+      model = nnx.merge(graphdef, p, r)
+      _, pred, mask = model(images, noise=noise)
+      # Complementary masks give one row per group; the figure shows each image's first group.
+      groups = model.num_groups
+      return pred[::groups].astype(jnp.float32), mask[::groups].astype(jnp.float32)
 
     self.predict = jax.jit(predict, out_shardings=(repl, repl))
     self.repl = repl

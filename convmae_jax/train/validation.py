@@ -20,7 +20,8 @@ KNOWN_DATASETS = ("imagenet2012", "convmae_demo_photos", "convmae_demo_digits")
 DTYPES = ("float32", "bfloat16")
 # Top-level config fields that set model fields; model_kwargs must not set them as well.
 _MODEL_FIELDS_FROM_CONFIG = {"img_size": "image_size", "mask_ratio": "mask_ratio",
-                             "norm_pix_loss": "norm_pix_loss", "dtype": "dtype"}
+                             "norm_pix_loss": "norm_pix_loss", "dtype": "dtype",
+                             "complementary_masks": "complementary_masks"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,7 @@ def model_overrides(config) -> dict[str, Any]:
   # None = the model size's own value (configs declare every size field as a typed placeholder).
   kwargs = {k: v for k, v in dict(config.get("model_kwargs", None) or {}).items() if v is not None}
   for model_field, config_field in _MODEL_FIELDS_FROM_CONFIG.items():
-    if model_field in kwargs and kwargs[model_field] != config[config_field]:
+    if model_field in kwargs and kwargs[model_field] != config.get(config_field):
       raise ConfigError(
           f"config.model_kwargs.{model_field}={kwargs[model_field]!r} conflicts with "
           f"config.{config_field}={config[config_field]!r}; set config.{config_field} only.")
@@ -64,6 +65,8 @@ def model_overrides(config) -> dict[str, Any]:
       kwargs[key] = tuple(value)
   kwargs.update(img_size=config.image_size, mask_ratio=config.mask_ratio,
                 norm_pix_loss=config.norm_pix_loss, dtype=config.dtype)
+  if config.get("complementary_masks", False):
+    kwargs["complementary_masks"] = True
   return kwargs
 
 
@@ -171,6 +174,8 @@ def validate_config(config, *, num_devices: int | None = None,
     model_config = models.config_for(config.model, **overrides)
   except TypeError as e:  # unknown model_kwargs field
     raise ConfigError(f"config.model_kwargs: {e}") from None
+  except ValueError as e:  # sizes, heads, complementary masks that do not fit
+    raise ConfigError(f"config.model={config.model!r} with these settings: {e}") from None
 
   return RunPlan(mesh_shape=mesh_shape, model_overrides=overrides, model_config=model_config)
 
