@@ -12,7 +12,6 @@ with each side's median step time, images/s and the JAX/PyTorch speed ratio.
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import hostinfo  # noqa: E402
 from convmae_jax import interop, models  # noqa: E402
 from convmae_jax.train import core, losses, optim, sharding as sharding_lib  # noqa: E402
 from convmae_jax.train.classification import _trainable_filter  # noqa: E402
@@ -133,7 +133,7 @@ def main():
     print(json.dumps({
         "job": job, "model": args.model, "img_size": args.img_size, "batch": args.batch,
         "jax_dtype": args.dtype, "grad_barrier": args.grad_barrier, "backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind), "cpu": platform.processor() or platform.machine(),
+        "device": str(jax.devices()[0].device_kind), "cpu": hostinfo.cpu_name(),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "jax_step_s": round(j_med, 4), "torch_step_s": round(t_med, 4),
         "jax_images_per_s": round(args.batch / j_med, 2),

@@ -11,7 +11,6 @@ compile time, and the configuration. Results go into BENCHMARKS.md by hand, with
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from benchmarks import hostinfo  # noqa: E402
 from convmae_jax import models
 
 
@@ -78,7 +78,7 @@ def main():
       "dwconv_impl": models.layers.resolve_dwconv_impl(args.dwconv_impl),
       "conv_impl": args.conv_impl, "grad_barrier": args.grad_barrier,
       "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-      "cpu": platform.processor() or platform.machine(),
+      "cpu": hostinfo.cpu_name(),
       "step_s_median": round(med, 4), "step_s_all": [round(t, 4) for t in times],
       "images_per_s": round(args.batch / med, 2), "images_per_s_per_device": round(args.batch / med / n_dev, 2),
       "compile_s": round(compile_s, 1), "final_loss": float(loss)}))

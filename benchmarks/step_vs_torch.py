@@ -19,6 +19,11 @@ twin does. ``tflops_*`` divide them by the step time; ``mfu_*`` divide those by 
 measured in this run on this device (``matmul_peak_tflops``: a large square product in ``--dtype``)
 and by the datasheet peak where the device is known. Memory: JAX's compiled step (arguments +
 outputs + temporaries - donated) and, on a GPU, each side's peak allocation.
+
+``--complementary on`` adds FastConvMAE's complementary masks (``complementary_masks=True``): each
+image gives 1/(1 - mask_ratio) masked views per step (four at 0.75), so besides images/s the line
+gives ``targets_per_s`` (masked views reconstructed with their loss per second; one per image
+otherwise) and ``flops_dense_equiv`` is what the official formulation spends on that many views.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import gc
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +47,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import hostinfo  # noqa: E402
 from convmae_jax import flops as flops_lib  # noqa: E402
 from convmae_jax import models  # noqa: E402
 
@@ -65,6 +70,11 @@ def datasheet_peak(device_kind: str, dtype: str) -> float | None:
     if key.lower() in device_kind.lower():
       return peaks.get(dtype)
   return None
+
+
+def sig(x: float, digits: int = 4) -> float:
+  """x to `digits` significant digits (CPU rates are small numbers of TFLOP/s)."""
+  return float(f"{x:.{digits}g}")
 
 
 def on_gpu() -> bool:
@@ -93,10 +103,11 @@ def measure_matmul_tflops(dtype: str, n: int | None = None, reps: int = 10) -> f
 # ------------------------------------------------------------------------------------------------
 # The two sides.
 # ------------------------------------------------------------------------------------------------
-def make_step(args, conv_impl: str, dwconv_impl: str, remat: bool):
+def make_step(args, conv_impl: str, dwconv_impl: str, remat: bool, complementary: bool = False):
   """(step, params, opt_state, num_patches): the trainer's pretraining step for one variant."""
   model = models.create(args.model, rngs=nnx.Rngs(0), img_size=args.img_size, dtype=args.dtype,
-                        dwconv_impl=dwconv_impl, conv_impl=conv_impl)
+                        dwconv_impl=dwconv_impl, conv_impl=conv_impl,
+                        complementary_masks=complementary)
   num_patches = model.num_patches
   tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.05)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -123,12 +134,12 @@ def abstract(tree):
 _FLOPS_CACHE: dict = {}
 
 
-def step_flops(args, conv_impl: str, remat: bool) -> int:
+def step_flops(args, conv_impl: str, remat: bool, complementary: bool = False) -> int:
   """Matmul + conv FLOPs of one step, counted on the step's program with the depthwise conv as a
   conv op (so "shift" variants count the same work they do as multiply-adds)."""
-  key = (conv_impl, remat)
+  key = (conv_impl, remat, complementary)
   if key not in _FLOPS_CACHE:
-    step, params, opt_state, _ = make_step(args, conv_impl, "lax", remat)
+    step, params, opt_state, _ = make_step(args, conv_impl, "lax", remat, complementary)
     images = jax.ShapeDtypeStruct((args.batch, args.img_size, args.img_size, 3), jnp.float32)
     _FLOPS_CACHE[key] = flops_lib.count(step, abstract(params), abstract(opt_state), images,
                                         jax.random.key(0))
@@ -140,12 +151,16 @@ def step_flops(args, conv_impl: str, remat: bool) -> int:
 class JaxSide:
   """One JAX variant's compiled step and its state; `run(k)` does k steps and syncs."""
 
-  def __init__(self, args, conv_impl: str, dwconv_impl: str, remat: bool):
-    self.name = f"jax conv_impl={conv_impl} dwconv_impl={dwconv_impl} remat={'on' if remat else 'off'}"
+  def __init__(self, args, conv_impl: str, dwconv_impl: str, remat: bool, complementary: bool):
+    self.name = (f"jax conv_impl={conv_impl} dwconv_impl={dwconv_impl} remat={'on' if remat else 'off'}"
+                 f" complementary={'on' if complementary else 'off'}")
+    self.groups = (models.config_for(args.model, img_size=args.img_size,
+                                     complementary_masks=True).num_groups if complementary else 1)
     self.meta = dict(side="jax", conv_impl=conv_impl, dwconv_impl=dwconv_impl,
-                     remat="on" if remat else "off", dtype=args.dtype)
-    self.flops_executed = step_flops(args, conv_impl, remat)
-    step, params, opt_state, _ = make_step(args, conv_impl, dwconv_impl, remat)
+                     remat="on" if remat else "off", complementary="on" if complementary else "off",
+                     dtype=args.dtype)
+    self.flops_executed = step_flops(args, conv_impl, remat, complementary)
+    step, params, opt_state, _ = make_step(args, conv_impl, dwconv_impl, remat, complementary)
     images = jax.random.normal(jax.random.key(0), (args.batch, args.img_size, args.img_size, 3))
     t0 = time.perf_counter()
     self.compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
@@ -197,6 +212,7 @@ class TorchSide:
       torch.backends.cudnn.benchmark = True
       torch.cuda.reset_peak_memory_stats()
     self.name = f"torch {torch.__version__} autocast={self.autocast}"
+    self.groups = 1
     self.meta = dict(side="torch", framework=f"torch {torch.__version__}", autocast=self.autocast,
                      threads=torch.get_num_threads())
     self.loss = None
@@ -245,6 +261,8 @@ def parse_args(argv=None):
   ap.add_argument("--conv_impl", default="visible", help="comma list of visible, dense")
   ap.add_argument("--dwconv_impl", default="auto", help="comma list of auto, lax, shift")
   ap.add_argument("--remat", default="off", help="comma list of off, on")
+  ap.add_argument("--complementary", default="off", help="comma list of off, on: FastConvMAE's "
+                  "complementary masks (each image gives 1/(1-mask_ratio) masked targets per step)")
   ap.add_argument("--torch", default="on", choices=("on", "off"), help="off: JAX variants only")
   ap.add_argument("--torch_autocast", default="bfloat16", choices=("bfloat16", "float16", "off"),
                   help="the twin's mixed precision on a GPU (float16 uses a GradScaler)")
@@ -260,7 +278,7 @@ def parse_args(argv=None):
     args.inner = 1 if jax.default_backend() == "cpu" else 5
   lists = {}
   for name, accepted in (("conv_impl", ("visible", "dense")), ("dwconv_impl", ("auto", "lax", "shift")),
-                         ("remat", ("off", "on"))):
+                         ("remat", ("off", "on")), ("complementary", ("off", "on"))):
     values = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
     bad = [v for v in values if v not in accepted]
     if bad or not values:
@@ -287,11 +305,12 @@ def main(argv=None):
         f"{args.dtype}", file=sys.stderr, flush=True)
 
   # What the official formulation computes for this step: the dense variant's program.
-  dense_flops = step_flops(args, "dense", False)
+  dense_flops_per_step = step_flops(args, "dense", False)
   sides = []
-  for conv_impl, dwconv_impl, remat in itertools.product(lists["conv_impl"], lists["dwconv_impl"],
-                                                         lists["remat"]):
-    side = JaxSide(args, conv_impl, models.layers.resolve_dwconv_impl(dwconv_impl), remat == "on")
+  for conv_impl, dwconv_impl, remat, comp in itertools.product(
+      lists["conv_impl"], lists["dwconv_impl"], lists["remat"], lists["complementary"]):
+    side = JaxSide(args, conv_impl, models.layers.resolve_dwconv_impl(dwconv_impl), remat == "on",
+                   comp == "on")
     print(f"compiled {side.name} in {side.compile_s:.1f} s", file=sys.stderr, flush=True)
     sides.append(side)
   if args.torch == "on":
@@ -313,26 +332,32 @@ def main(argv=None):
   for side in sides:
     med = statistics.median(times[id(side)])
     ips = args.batch / med
+    # A reconstructed target is one masked view of an image with its loss: one per image, or one
+    # per complementary group. The official formulation's work per target is the dense step's.
+    tps = args.batch * side.groups / med
+    dense_flops = dense_flops_per_step * side.groups
     row = dict(side.meta, model=args.model, img_size=args.img_size, batch=args.batch,
                backend=jax.default_backend(), device=kind,
-               cpu=platform.processor() or platform.machine(),
-               step_s_median=round(med, 5), step_s_all=[round(t, 5) for t in times[id(side)]],
-               images_per_s=round(ips, 2), steps_per_timing=args.inner,
-               final_loss=float(side.loss), matmul_peak_tflops=round(matmul_tflops, 2),
+               cpu=hostinfo.cpu_name(),
+               step_s_median=sig(med, 5), step_s_all=[round(t, 5) for t in times[id(side)]],
+               images_per_s=sig(ips), targets_per_s=sig(tps), groups=side.groups,
+               steps_per_timing=args.inner,
+               final_loss=float(side.loss), matmul_peak_tflops=sig(matmul_tflops),
                datasheet_peak_tflops=peak, flops_dense_equiv=dense_flops,
-               tflops_dense_equiv=round(dense_flops / med / 1e12, 3),
-               mfu_dense_equiv_vs_measured=round(dense_flops / med / 1e12 / matmul_tflops, 4))
+               tflops_dense_equiv=sig(dense_flops / med / 1e12),
+               mfu_dense_equiv_vs_measured=sig(dense_flops / med / 1e12 / matmul_tflops))
     if peak:
-      row["mfu_dense_equiv_vs_datasheet"] = round(dense_flops / med / 1e12 / peak, 4)
+      row["mfu_dense_equiv_vs_datasheet"] = sig(dense_flops / med / 1e12 / peak)
     if isinstance(side, JaxSide):
       row.update(flops_executed=side.flops_executed,
-                 tflops_executed=round(side.flops_executed / med / 1e12, 3),
-                 mfu_executed_vs_measured=round(side.flops_executed / med / 1e12 / matmul_tflops, 4),
+                 tflops_executed=sig(side.flops_executed / med / 1e12),
+                 mfu_executed_vs_measured=sig(side.flops_executed / med / 1e12 / matmul_tflops),
                  compile_s=round(side.compile_s, 1), memory_bytes_compiled=side.memory_bytes)
       if peak:
-        row["mfu_executed_vs_datasheet"] = round(side.flops_executed / med / 1e12 / peak, 4)
+        row["mfu_executed_vs_datasheet"] = sig(side.flops_executed / med / 1e12 / peak)
       if torch_ips:
         row["speed_vs_torch"] = round(ips / torch_ips, 3)
+        row["targets_per_s_vs_torch"] = round(tps / torch_ips, 3)
     else:
       row.update(flops_executed=dense_flops, memory_bytes_peak=side.peak_memory_bytes())
     print(json.dumps(row), flush=True)

@@ -1,0 +1,65 @@
+"""The benchmark commands run and their figures are consistent (tiny models; no timing is asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_json_lines(args, tmp_path, timeout=600):
+  env = dict(os.environ, TMPDIR=str(tmp_path))
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_step_vs_torch_lines(tmp_path):
+  rows = run_json_lines(["benchmarks/step_vs_torch.py", "--model", "convmae_tiny", "--img_size", "32",
+                         "--batch", "4", "--conv_impl", "visible,dense", "--complementary", "off,on",
+                         "--steps", "1", "--warmup", "0"], tmp_path)
+  jax_rows = {(r["conv_impl"], r["complementary"]): r for r in rows if r.get("side") == "jax"}
+  torch_rows = [r for r in rows if r.get("side") == "torch"]
+  assert sorted(jax_rows) == [("dense", "off"), ("dense", "on"), ("visible", "off"), ("visible", "on")]
+  assert len(torch_rows) == 1
+  plain, comp = jax_rows[("visible", "off")], jax_rows[("visible", "on")]
+  dense = jax_rows[("dense", "off")]
+  # The dense JAX program is the official formulation: it executes the dense-equivalent FLOPs,
+  # the visible-only one less, and the twin is credited with the dense count.
+  assert dense["flops_executed"] == dense["flops_dense_equiv"] == torch_rows[0]["flops_dense_equiv"]
+  assert 0 < plain["flops_executed"] < dense["flops_executed"]
+  # Four complementary views per image at mask ratio 0.75.
+  assert comp["groups"] == 4 and plain["groups"] == 1
+  assert comp["flops_dense_equiv"] == 4 * plain["flops_dense_equiv"]
+  assert comp["targets_per_s"] == pytest.approx(4 * comp["images_per_s"], rel=1e-2)
+  for r in rows:
+    if "step_s_median" not in r:
+      continue
+    assert r["images_per_s"] == pytest.approx(r["batch"] / r["step_s_median"], rel=1e-2)
+    assert r["mfu_dense_equiv_vs_measured"] == pytest.approx(
+        r["flops_dense_equiv"] / r["step_s_median"] / 1e12 / r["matmul_peak_tflops"], rel=2e-2,
+        abs=1e-4)
+  ratio = plain["images_per_s"] / torch_rows[0]["images_per_s"]
+  assert plain["speed_vs_torch"] == pytest.approx(ratio, rel=1e-2)
+
+
+def test_step_vs_torch_refuses_bad_lists(tmp_path):
+  proc = subprocess.run([sys.executable, "benchmarks/step_vs_torch.py", "--complementary", "maybe"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert "--complementary 'maybe'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_input_pipeline_rate_lines(tmp_path):
+  rows = run_json_lines(["benchmarks/input_pipeline.py", "--examples", "24", "--batch", "8",
+                         "--batches", "2", "--repeats", "1", "--threads", "1,2", "--img_size", "64",
+                         "--data_dir", str(tmp_path / "tfds")], tmp_path)
+  assert [r["threads"] for r in rows] == [1, 2]
+  for r in rows:
+    assert r["images_per_s"] > 0
+    assert r["images_per_s_per_thread"] == pytest.approx(r["images_per_s"] / r["threads"], rel=1e-2)
+    assert r["mean_jpeg_kb"] > 10
