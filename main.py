@@ -112,6 +112,10 @@ def main(argv):
     # The message names the step and the last (finite) checkpoint to resume from.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
+  except core.BadRecordsError as e:
+    # Too many undecodable records: the message names some and the checkpoint written at the stop.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(4)
 
 
 if __name__ == "__main__":
