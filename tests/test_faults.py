@@ -4,6 +4,7 @@ not fit its checkpoint (refused before compute, unless the change is allowed), u
 (replaced in place, counted, logged once; too many stop the run with exit 4)."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -208,3 +209,55 @@ def test_too_many_bad_records_stop_with_exit_4_naming_them(tmp_path, faulty_dir)
   assert all(n.startswith("faulty_photos-train.") for n in names)
   assert "A checkpoint of step 2 is in" in proc.stderr
   assert checkpoints.latest_step(tmp_path / "w") == 2             # written at the stop
+
+
+# ------------------------------------------------------------------- SIGKILL during an async save
+
+_HELD_SAVE = """
+import sys, time
+sys.path[:0] = [{tests!r}, {root!r}]
+from orbax.checkpoint._src.path import atomicity
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def held(self):
+  # Step {held}: every array is written in its temporary folder; the commit waits, so the save is
+  # still in flight when the test kills this process.
+  if self._final_path.name == "{held}":
+    print("IN_FLIGHT", self._tmp_path, flush=True)
+    time.sleep(3600)
+  return await finalize(self)
+
+atomicity.AtomicRenameTemporaryPath.finalize = held
+import test_faults
+test_faults.run({workdir!r}, num_train_steps=6, checkpoint_every_steps=2, async_checkpointing=True)
+"""
+
+
+def test_sigkill_while_an_async_save_is_in_flight_loses_nothing(tmp_path):
+  reference = run(tmp_path / "reference", num_train_steps=6, checkpoint_every_steps=2,
+                  async_checkpointing=True)
+  code = _HELD_SAVE.format(tests=os.path.join(ROOT, "tests"), root=ROOT, held=4,
+                           workdir=str(tmp_path / "run"))
+  proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  try:
+    in_flight = None
+    for line in proc.stdout:
+      if line.startswith("IN_FLIGHT"):
+        in_flight = line.split()[1]
+        break
+    assert in_flight is not None, "the save of step 4 never started"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert os.path.isdir(in_flight)                       # killed with step 4 uncommitted
+  assert checkpoints.latest_step(tmp_path / "run") == 2
+  resumed = run(tmp_path / "run", num_train_steps=6, checkpoint_every_steps=2,
+                async_checkpointing=True)
+  assert sorted(resumed.losses) == [3, 4, 5, 6]
+  for s in (3, 4, 5, 6):
+    assert resumed.losses[s] == reference.losses[s], s
+  for a, b in zip(_params(tmp_path / "reference", 6), _params(tmp_path / "run", 6)):
+    np.testing.assert_array_equal(a, b)

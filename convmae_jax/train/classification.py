@@ -161,10 +161,12 @@ def run(config, workdir: str, *, on_log=None) -> TrainResult:
     ckpt_mgr.close()
     raise
   best_top1 = -1.0
+  bad_examples = 0                   # undecodable examples read so far (all runs of this workdir)
   if latest is not None:
     params, opt_state, rest, meta = restored
     start_step = int(meta.get("step", latest))
     best_top1 = float(meta.get("best_top1", -1.0))
+    bad_examples = int(meta.get("bad_examples", 0))
     logging.info("Resumed from %s at step %d.", ckpt_mgr.directory, start_step)
   else:
     def init():
@@ -219,7 +221,8 @@ def run(config, workdir: str, *, on_log=None) -> TrainResult:
       graphdef=graphdef, param_filter=trainable, loss_fn=loss_fn, tx=tx, schedule=schedule,
       shardings=sh, batch_size=batch_size, grad_accum_steps=config.grad_accum_steps,
       remat=config.get("remat", False), seed=config.seed,
-      skip_nonfinite=config.get("nonfinite", "stop") == "skip", batch_keys=("image", "label"),
+      skip_nonfinite=config.get("nonfinite", "stop") == "skip",
+      batch_keys=("image", "label", data.BAD_KEY),
       prepare=prepare)
   eval_step = jax.jit(_eval_metrics_fn(graphdef_eval),
                       in_shardings=(sh.params, sh.rest, {k: sh.batch for k in ("image", "label", "valid")}),
@@ -246,7 +249,9 @@ def run(config, workdir: str, *, on_log=None) -> TrainResult:
       steps_per_epoch=steps_per_epoch if n_examples else None,
       last_checkpoint=lambda: f"step {ckpt_mgr.latest_step()} in {ckpt_mgr.directory}",
       on_log=on_log, nonfinite=config.get("nonfinite", "stop"),
-      max_consecutive_skips=config.get("max_consecutive_skips", 10))
+      max_consecutive_skips=config.get("max_consecutive_skips", 10),
+      max_bad_fraction=config.get("max_bad_fraction", 1.0), bad_examples=bad_examples,
+      min_examples_for_bad_check=core.min_examples_for_bad_check(config, n_examples))
   best_dir = workdir_path / BEST_SUBDIR
   eval_every = config.eval_every_steps
   logging.info("Training steps %d..%d of %d (global batch %d); evaluating on %d examples of %r "
@@ -258,7 +263,10 @@ def run(config, workdir: str, *, on_log=None) -> TrainResult:
       for step in range(start_step, end_step):
         done = step + 1
         batch = next(batches)
-        params, opt_state, rest, metrics = train_step(params, opt_state, rest, batch, np.int32(step))
+        window.note_bad_examples(done, batch.get(input_pipeline.DevicePrefetcher.HOST, {}))
+        params, opt_state, rest, metrics = train_step(
+            params, opt_state, rest, {k: batch[k] for k in ("image", "label", data.BAD_KEY)},
+            np.int32(step))
         window.add(done, metrics)
         profiler(done, metrics)
         result.stopped_by = stop.requested(done, ckpt_mgr)
@@ -285,16 +293,27 @@ def run(config, workdir: str, *, on_log=None) -> TrainResult:
                 "dataset": config.dataset, "job": job})
           window.restart(done)
 
-        if done % config.checkpoint_every_steps == 0 or is_last:
+        def save():
           window.fetch()                   # never checkpoint past a non-finite loss
           meta = {**model_meta, "step": done, "seed": config.seed, "batch_size": batch_size,
                   "data_position": done, "dataset": config.dataset, "total_steps": total_steps,
-                  "job": job, "best_top1": best_top1}
+                  "job": job, "best_top1": best_top1, "bad_examples": window.bad_examples}
           core.save_train_state(ckpt_mgr, done, params, rest, opt_state, meta)
+
+        saved = done % config.checkpoint_every_steps == 0 or is_last
+        if saved:
+          save()
+        problem = window.bad_records_problem()
+        if problem is not None:            # too many undecodable records: stop with a checkpoint
+          if not saved:
+            save()
+          raise core.BadRecordsError(f"{problem} A checkpoint of step {done} is in "
+                                     f"{ckpt_mgr.directory}.")
         if result.stopped_by is not None:
           break
   finally:
     result.skipped_steps = list(window.skipped_steps)
+    result.bad_examples = window.bad_examples
     profiler.close()
     window.close()
     batches.close()

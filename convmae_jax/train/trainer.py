@@ -24,7 +24,7 @@ from absl import logging
 from flax import nnx
 
 from convmae_jax import checkpoints, data, models, visualize
-from convmae_jax.train import core, input_pipeline, optim, validation
+from convmae_jax.train import core, input_pipeline, optim, peers, validation
 
 # Kept for callers of the first release; the shared helpers live in core.
 num_train_examples = core.num_train_examples
@@ -218,54 +218,57 @@ def pretrain(config, workdir: str, *, on_log=None) -> TrainResult:
   logging.info("Training steps %d..%d of %d (global batch %d).", start_step + 1, end_step,
                total_steps, batch_size)
   profiler = core.Profiler(config, workdir_path)
-  try:
-    with core.StopRequest() as stop:
-      for step in range(start_step, end_step):
-        done = step + 1                    # updates finished after this iteration
-        batch = next(batches)
-        window.note_bad_examples(done, batch.get(input_pipeline.DevicePrefetcher.HOST, {}))
-        params, opt_state, rest, metrics = train_step(
-            params, opt_state, rest, {k: batch[k] for k in ("image", data.BAD_KEY)}, np.int32(step))
-        window.add(done, metrics)
-        profiler(done, metrics)
-        result.stopped_by = stop.requested(done, ckpt_mgr)
-        result.step = done
-        is_last = done == end_step or result.stopped_by is not None
+  watchdog = peers.PeerWatchdog(config.get("peer_timeout_s", 120),
+                                peers.finished_steps_text(ckpt_mgr.directory))
+  with watchdog:                     # a lost peer ends the run within peer_timeout_s
+    try:
+      with core.StopRequest() as stop:
+        for step in range(start_step, end_step):
+          done = step + 1                    # updates finished after this iteration
+          batch = next(batches)
+          window.note_bad_examples(done, batch.get(input_pipeline.DevicePrefetcher.HOST, {}))
+          params, opt_state, rest, metrics = train_step(
+              params, opt_state, rest, {k: batch[k] for k in ("image", data.BAD_KEY)}, np.int32(step))
+          window.add(done, metrics)
+          profiler(done, metrics)
+          result.stopped_by = stop.requested(done, ckpt_mgr)
+          result.step = done
+          is_last = done == end_step or result.stopped_by is not None
 
-        if done % config.log_every_steps == 0 or is_last:
-          result.losses[done] = window.log(done)["loss"]
+          if done % config.log_every_steps == 0 or is_last:
+            result.losses[done] = window.log(done)["loss"]
 
-        def save():
-          window.fetch()                   # never checkpoint past a non-finite loss
-          meta = {**model_meta, "step": done, "seed": config.seed, "batch_size": batch_size,
-                  "data_position": done, "dataset": config.dataset, "total_steps": total_steps,
-                  "bad_examples": window.bad_examples}
-          core.save_train_state(ckpt_mgr, done, params, rest, opt_state, meta)
+          def save():
+            window.fetch()                   # never checkpoint past a non-finite loss
+            meta = {**model_meta, "step": done, "seed": config.seed, "batch_size": batch_size,
+                    "data_position": done, "dataset": config.dataset, "total_steps": total_steps,
+                    "bad_examples": window.bad_examples}
+            core.save_train_state(ckpt_mgr, done, params, rest, opt_state, meta)
 
-        saved = done % config.checkpoint_every_steps == 0 or is_last
-        if saved:
-          save()
-        problem = window.bad_records_problem()
-        if problem is not None:            # too many undecodable records: stop with a checkpoint
-          if not saved:
+          saved = done % config.checkpoint_every_steps == 0 or is_last
+          if saved:
             save()
-          raise core.BadRecordsError(f"{problem} A checkpoint of step {done} is in "
-                                     f"{ckpt_mgr.directory}.")
+          problem = window.bad_records_problem()
+          if problem is not None:            # too many undecodable records: stop with a checkpoint
+            if not saved:
+              save()
+            raise core.BadRecordsError(f"{problem} A checkpoint of step {done} is in "
+                                       f"{ckpt_mgr.directory}.")
 
-        if figure is not None and ((recon_every > 0 and done % recon_every == 0) or
-                                   (is_last and config.get("recon_at_end", True))):
-          figure.write(done, params, rest)
-        if result.stopped_by is not None:
-          break
-  finally:
-    result.skipped_steps = list(window.skipped_steps)
-    result.bad_examples = window.bad_examples
-    profiler.close()
-    window.close()
-    batches.close()
-    ckpt_mgr.wait_until_finished()
-    ckpt_mgr.close()
-    writer.flush()
+          if figure is not None and ((recon_every > 0 and done % recon_every == 0) or
+                                     (is_last and config.get("recon_at_end", True))):
+            figure.write(done, params, rest)
+          if result.stopped_by is not None:
+            break
+    finally:
+      result.skipped_steps = list(window.skipped_steps)
+      result.bad_examples = window.bad_examples
+      profiler.close()
+      window.close()
+      batches.close()
+      ckpt_mgr.wait_until_finished()
+      ckpt_mgr.close()
+      writer.flush()
 
   result.model = nnx.merge(graphdef, params, rest)
   first, last = min(result.losses), max(result.losses)
