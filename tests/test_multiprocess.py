@@ -14,6 +14,7 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 
 from convmae_jax import checkpoints
 
@@ -93,9 +94,11 @@ BOUND_S = 15          # config.peer_timeout_s of the run below
 SLACK_S = 45          # generous: the check runs every 0.5 s; the machine may be busy
 
 
-def test_a_lost_peer_ends_the_survivor_within_the_bound_naming_it(tmp_path):
-  """Process 1 is SIGKILLed mid-run; process 0 must not hang: it exits with status 5 within
-  peer_timeout_s (+ slack), naming process 1 and the last checkpoint."""
+@pytest.mark.parametrize("lost", [1, 0], ids=["worker_lost", "coordinator_lost"])
+def test_a_lost_peer_ends_the_survivor_within_the_bound_naming_it(tmp_path, lost):
+  """One process is SIGKILLed mid-run (process 1, or process 0 which hosts the jax.distributed
+  service); the other must not hang: it exits with status 5 within peer_timeout_s (+ slack),
+  naming the lost process and the last checkpoint."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
@@ -105,7 +108,7 @@ def test_a_lost_peer_ends_the_survivor_within_the_bound_naming_it(tmp_path):
                                                  bound=BOUND_S)],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in range(2)]
   try:
-    victim, survivor = procs[1], procs[0]
+    victim, survivor = procs[lost], procs[1 - lost]
     deadline = time.monotonic() + 400
     for line in victim.stdout:                 # past a checkpoint: step 3 logged
       if line.startswith("STEP") and int(line.split()[1]) >= 3:
@@ -125,7 +128,7 @@ def test_a_lost_peer_ends_the_survivor_within_the_bound_naming_it(tmp_path):
   assert waited <= BOUND_S + SLACK_S, waited
   line = [l for l in err.splitlines() if l.startswith("error: lost process")]
   assert len(line) == 1, err[-4000:]
-  assert line[0].startswith("error: lost process 1 (no heartbeat for ")
+  assert line[0].startswith(f"error: lost process {lost} (no heartbeat for ")
   step = checkpoints.latest_step(tmp_path)
   assert step is not None and step >= 2
   assert line[0].endswith(f"last checkpoint: step {step} in {tmp_path / 'checkpoints'}")
