@@ -96,9 +96,13 @@ SLACK_S = 45          # generous: the check runs every 0.5 s; the machine may be
 
 @pytest.mark.parametrize("lost", [1, 0], ids=["worker_lost", "coordinator_lost"])
 def test_a_lost_peer_ends_the_survivor_within_the_bound_naming_it(tmp_path, lost):
-  """One process is SIGKILLed mid-run (process 1, or process 0 which hosts the jax.distributed
-  service); the other must not hang: it exits with status 5 within peer_timeout_s (+ slack),
-  naming the lost process and the last checkpoint."""
+  """One process is SIGKILLed mid-run; the other must not hang.
+
+  Process 1 lost: the survivor's watchdog ends it with status 5 within peer_timeout_s (+ slack),
+  naming process 1 and the last checkpoint. Process 0 lost (it hosts the jax.distributed service):
+  JAX itself aborts the survivor (SIGABRT) as soon as the service stops answering, saying that the
+  leader task died; the watchdog's bound is then only the backstop.
+  """
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
@@ -123,9 +127,14 @@ def test_a_lost_peer_ends_the_survivor_within_the_bound_naming_it(tmp_path, lost
       if p.poll() is None:
         p.kill()
   assert victim.wait() == -signal.SIGKILL
-  print(f"survivor exited {waited:.1f} s after the kill (bound {BOUND_S} s)")
-  assert survivor.returncode == 5, err[-4000:]
+  print(f"survivor exited {waited:.1f} s after the kill (bound {BOUND_S} s), status "
+        f"{survivor.returncode}")
   assert waited <= BOUND_S + SLACK_S, waited
+  if lost == 0:
+    assert survivor.returncode == -signal.SIGABRT, err[-4000:]
+    assert "the leader task was preempted/died" in err
+    return
+  assert survivor.returncode == 5, err[-4000:]
   line = [l for l in err.splitlines() if l.startswith("error: lost process")]
   assert len(line) == 1, err[-4000:]
   assert line[0].startswith(f"error: lost process {lost} (no heartbeat for ")

@@ -4,8 +4,7 @@ Every process runs :class:`PeerWatchdog` around its training loop. A background 
 counter into the key-value store of ``jax.distributed`` (``convmae/heartbeat/{process}``) every
 ``interval`` seconds and reads everyone's; a second thread checks, twice a second, when each peer's
 counter last moved. When a peer's counter has not moved for ``timeout_s`` seconds, or the store
-itself has not answered for ``timeout_s`` seconds (the coordinator, process 0, is gone), the
-process prints::
+itself has not answered for ``timeout_s`` seconds, the process prints::
 
     error: lost process K (no heartbeat for S s); last checkpoint: step M in DIR
 
@@ -13,6 +12,12 @@ and ends at once with exit status 5 (``os._exit``: a survivor may be blocked ins
 that never returns, where neither an exception nor a normal exit can get through). So no survivor
 waits longer than about ``timeout_s`` (plus the 0.5 s of the check) for a lost peer, whatever it was
 doing: a step, a collective, a checkpoint barrier.
+
+When process 0 dies, the store dies with it; JAX's own client then aborts every survivor at once
+(measured: 0.5 s after a SIGKILL, SIGABRT, "Terminating process because the JAX distributed service
+detected fatal errors ... the leader task was preempted/died"), before this bound, and that abort
+cannot be intercepted from Python: that case has JAX's message. The "store not answering" branch
+below stays as the backstop.
 
 A process that finishes the loop writes ``done``, so a peer that takes longer over its last step
 or checkpoint is not taken for lost. JAX's own heartbeat (``jax.distributed.initialize(
