@@ -94,10 +94,15 @@ def main(argv):
   if _is_multihost(FLAGS.config):
     # Cloud TPU, SLURM and Open MPI are detected by JAX; elsewhere set JAX_COORDINATOR_ADDRESS
     # (host:port of process 0) with JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host.
+    # JAX's own heartbeat is longer than config.peer_timeout_s: the trainer's watchdog names a lost
+    # process first.
+    from convmae_jax.train import peers  # pylint: disable=import-outside-toplevel
     env = os.environ
     jax.distributed.initialize(
         num_processes=int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None,
-        process_id=int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None)
+        process_id=int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None,
+        heartbeat_timeout_seconds=peers.jax_heartbeat_timeout(
+            FLAGS.config.get("peer_timeout_s", 120.0)))
   if jax.process_count() > 1:
     logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                  jax.local_devices())
@@ -112,6 +117,10 @@ def main(argv):
     # The message names the step and the last (finite) checkpoint to resume from.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
+  except core.BadRecordsError as e:
+    # Too many undecodable records: the message names some and the checkpoint written at the stop.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(4)
 
 
 if __name__ == "__main__":

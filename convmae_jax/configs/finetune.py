@@ -108,6 +108,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # max_consecutive_skips skipped steps in a row).
   c.nonfinite = "stop"
   c.max_consecutive_skips = 10
+  # An undecodable record is replaced by the mean-colour image (its label kept), counted and logged;
+  # more than this fraction of the examples read stops the run with a checkpoint, exit status 4
+  # (checked after one epoch or 10 / max_bad_fraction examples). 1.0 = never stop. Undecodable
+  # evaluation examples are left out of the accuracy.
+  c.max_bad_fraction = 0.001
+  # Multi-process runs: a process that dies (no heartbeat for this many seconds) makes every other
+  # one print "error: lost process K ...; last checkpoint: ..." and exit with status 5.
+  c.peer_timeout_s = 120.0
   # Resuming with another batch_size or seed than the checkpoint's is refused unless this is True
   # (the continuation then differs from the original run); another model never resumes.
   c.allow_resume_changes = False

@@ -21,6 +21,9 @@ from convmae_jax.data import demo_photos
 from convmae_jax.data import demo_digits
 from convmae_jax.data.demo_photos import ConvmaeDemoPhotos
 from convmae_jax.data.pipeline import (
+    BAD_KEY,
+    ID_KEY,
+    REASON_KEY,
     DEFAULT_SHUFFLE_BUFFER,
     DEMO_DATASET,
     EMBEDDED_DATASETS,
@@ -40,6 +43,9 @@ from convmae_jax.data.pipeline import (
 DEMO_DIGITS = demo_digits.NAME
 
 __all__ = [
+    "BAD_KEY",
+    "ID_KEY",
+    "REASON_KEY",
     "DEFAULT_SHUFFLE_BUFFER",
     "DEMO_DATASET",
     "IMAGENET_MEAN",

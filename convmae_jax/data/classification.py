@@ -24,6 +24,7 @@ evaluation, where ``B`` is this process's share of the global batch.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterator, Sequence
 
@@ -159,7 +160,9 @@ def create_train_dataset(
 ) -> pipeline.PretrainIterator:
   """Infinite iterator of this process's labelled training batches (numpy).
 
-  Elements: ``{"image": float32 (global_batch_size // process_count, S, S, 3), "label": int32 (B,)}``.
+  Elements: ``{"image": float32 (global_batch_size // process_count, S, S, 3), "label": int32 (B,)}``
+  with ``bad``, ``example_id``, ``bad_reason`` per example (``pipeline.decode_guarded``: an
+  undecodable record is replaced by the mean-colour image, keeping its label and its place).
   Deterministic and resumable like ``create_pretrain_dataset``: ``start_step=k`` yields exactly the
   batches ``k, k+1, ...`` of the ``start_step=0`` sequence. ``recipe``: "finetune" or "linprobe"
   (module docstring); ``rand_augment`` "" and ``reprob`` 0 turn those off (fine-tuning only).
@@ -192,8 +195,8 @@ def create_train_dataset(
                             ratio=ratio, rand_augment=ra, reprob=reprob, hflip=hflip)
     return {"image": image, "label": label}
 
-  ds = pipeline.finish(stream.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True),
-                       local_batch, prefetch, threads)
+  ds = pipeline.finish(pipeline.decode_guarded(stream, transform, lambda index, image_bytes, label: {
+      "image": pipeline.replacement_image(image_size), "label": label}), local_batch, prefetch, threads)
   return pipeline.PretrainIterator(ds, local_batch_size=local_batch,
                                    num_examples=n, process_index=process_index,
                                    process_count=process_count, start_step=start_step)
@@ -214,7 +217,15 @@ class EvalData:
     self.local_batch_size = local_batch_size
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return self.dataset.as_numpy_iterator()
+    for batch in self.dataset.as_numpy_iterator():
+      for i in np.flatnonzero(batch.pop(pipeline.BAD_KEY)):
+        logging.getLogger(__name__).warning(
+            "Evaluation example %s cannot be decoded (%s); it is left out of the accuracy.",
+            batch[pipeline.ID_KEY][i].decode(errors="replace"),
+            pipeline.failure_reason(batch[pipeline.REASON_KEY][i]))
+      batch.pop(pipeline.ID_KEY)
+      batch.pop(pipeline.REASON_KEY)
+      yield batch
 
   def __len__(self) -> int:
     return self.num_batches
@@ -250,16 +261,23 @@ def create_eval_dataset(
     split = f"{split}[:{int(num_examples)}]"
     total = int(num_examples)
   proc_split = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
-  ds = pipeline._read_encoded(builder, proc_split, image_key, "label")
+  ds = pipeline._read_encoded(builder, proc_split, image_key, "label", with_id=True)
   n = pipeline._cardinality(ds)
   num_batches = int(math.ceil(math.ceil(total / process_count) / local_batch))
-  ds = ds.map(lambda b, l: {"image": eval_transform(b, image_size, crop_pct), "label": l,
-                            "valid": tf.constant(1.0, tf.float32)},
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  # An undecodable example counts as padding (valid 0): it is left out of the accuracy.
+  ds = pipeline.decode_guarded(
+      ds, lambda b, l: {"image": eval_transform(b, image_size, crop_pct), "label": l,
+                        "valid": tf.constant(1.0, tf.float32)},
+      lambda b, l: {"image": pipeline.replacement_image(image_size), "label": l,
+                    "valid": tf.constant(0.0, tf.float32)})
+  ds = ds.map(lambda ex: {k: ex[k] for k in ("image", "label", "valid", pipeline.BAD_KEY,
+                                             pipeline.ID_KEY, pipeline.REASON_KEY)})
   pad = num_batches * local_batch - n
   if pad:
     filler = {"image": tf.zeros([image_size, image_size, 3], tf.float32),
-              "label": tf.constant(0, tf.int32), "valid": tf.constant(0.0, tf.float32)}
+              "label": tf.constant(0, tf.int32), "valid": tf.constant(0.0, tf.float32),
+              pipeline.BAD_KEY: tf.constant(False), pipeline.ID_KEY: tf.constant(""),
+              pipeline.REASON_KEY: tf.constant("")}
     ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(pad))
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(2)
   return EvalData(ds, num_batches=num_batches, num_examples=total, local_batch_size=local_batch)

@@ -14,6 +14,9 @@ Order of operations (per process):
    ``(seed, process_index, g)``: RandomResizedCrop (torchvision's algorithm: 10 tries of a
    log-uniform aspect ratio, then the central fallback; bicubic, antialiased, uint8-rounded),
    horizontal flip with probability 1/2, ImageNet mean/std normalisation.
+   An example whose decoding fails (a truncated JPEG, bytes that are no image) is replaced by the
+   mean-colour image and flagged ``bad`` with its TFDS id and the decoder's message; it keeps its
+   place, so positions (and resuming) do not move.
 5. ``batch(B, drop_remainder=True)``, prefetch, numpy.
 
 The batches therefore depend only on ``(dataset, split, seed, process_index, process_count,
@@ -262,20 +265,27 @@ def check_dataset(dataset_name: str, *, split: str = "train", data_dir: str | No
   return builder
 
 
-def _read_encoded(builder, split, image_key: str, label_key: str | None = None):
+def _read_encoded(builder, split, image_key: str, label_key: str | None = None,
+                  with_id: bool = False):
   """Deterministic-order dataset of encoded image bytes for `split` (no decoding); with
-  `label_key`, of (image bytes, int32 label) pairs."""
+  `label_key`, of (image bytes, int32 label) pairs. ``with_id``: each element also ends with the
+  record's TFDS id (``"<dataset>-<split>.<format>-<shard>-of-<shards>__<record>"``), its identity in
+  messages about it."""
   import tensorflow_datasets as tfds
 
   tf = _tf()
   ds = builder.as_dataset(
       split=split, shuffle_files=False,
       decoders={image_key: tfds.decode.SkipDecoding()},
-      read_config=tfds.ReadConfig(add_tfds_id=False))
-  if label_key is None:
+      read_config=tfds.ReadConfig(add_tfds_id=with_id))
+  if label_key is None and not with_id:
     pick = lambda ex: ex[image_key]
-  else:
+  elif not with_id:
     pick = lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32))
+  elif label_key is None:
+    pick = lambda ex: (ex[image_key], ex["tfds_id"])
+  else:
+    pick = lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32), ex["tfds_id"])
   ds = ds.map(pick, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   opts = tf.data.Options()
   opts.deterministic = True
@@ -391,6 +401,84 @@ def _seed_pair(*words: int) -> np.ndarray:
   return state.astype(np.int64)
 
 
+# ------------------------------------------------------------------------------ bad records
+
+# Features every training batch carries besides the images: per example, whether its record could
+# not be decoded (and was replaced), its TFDS id and, for a bad one, the decoder's message.
+BAD_KEY = "bad"
+ID_KEY = "example_id"
+REASON_KEY = "bad_reason"
+HOST_KEYS = (ID_KEY, REASON_KEY)   # strings: they stay on the host
+
+
+def failure_reason(image_bytes: bytes) -> str:
+  """Why ``image_bytes`` cannot be decoded: TensorFlow's decoder run again on the host (eagerly,
+  outside tf.data), ``"<error class>: <first line of its message>"``. When the whole image does
+  decode, it was the crop of this example that failed (a JPEG cut short below the crop's rows)."""
+  tf = _tf()
+  try:
+    tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  except tf.errors.OpError as e:
+    message = (e.message or "").strip().splitlines()
+    text = message[0] if message else ""
+    if "}} " in text:                      # "{{function_node ...}} jpeg::Uncompress failed. ..."
+      text = text.split("}} ", 1)[1]
+    return f"{type(e).__name__}: {text.split(' [Op:')[0][:200]}"
+  return "the image decodes whole but not in this example's crop window (a truncated JPEG?)"
+
+
+def describe_bad(batch: dict) -> dict:
+  """Replaces the raw bytes :func:`decode_guarded` carries for each bad example (``bad_reason``
+  holds them in the tf.data stream) by the decoder's message; done on the host, once per bad
+  example, so the stream needs no Python callback."""
+  if BAD_KEY in batch and np.any(batch[BAD_KEY]):
+    reasons = np.array(batch[REASON_KEY], dtype=object)
+    for i in np.flatnonzero(batch[BAD_KEY]):
+      reasons[i] = failure_reason(reasons[i]).encode()
+    batch = dict(batch, **{REASON_KEY: reasons})
+  return batch
+
+
+def replacement_image(image_size: int):
+  """The image that replaces an undecodable one: every pixel the ImageNet mean colour (all zeros
+  after normalisation)."""
+  return _tf().zeros([image_size, image_size, 3], _tf().float32)
+
+
+def decode_guarded(stream, transform, replacement):
+  """``stream`` of ``(*args, tfds_id)`` -> ``transform(*args)`` (a dict), where an example whose
+  transform fails (a truncated JPEG, bytes that are no image) gets ``replacement(*args)`` (the same
+  structure; e.g. :func:`replacement_image` and the example's label) instead.
+
+  Nothing is dropped and the order is kept (each example is a one-element dataset: the transform
+  with its errors ignored, then the replacement, the first one taken; a deterministic interleave
+  runs them in parallel), so the batch keeps its size and every later example its position: a
+  resumed run sees the same batches. Each element also carries ``bad`` (bool), ``example_id`` (the
+  TFDS id) and ``bad_reason`` (for a bad example its encoded bytes, else ""; :func:`describe_bad`
+  turns them into the decoder's message on the host).
+  """
+  tf = _tf()
+
+  def good(*elem):
+    out = dict(transform(*elem[:-1]))
+    out.update({BAD_KEY: tf.constant(False), ID_KEY: elem[-1], REASON_KEY: tf.constant("")})
+    return out
+
+  def replaced(*elem):
+    out = dict(replacement(*elem[:-1]))
+    # The record's bytes go along (bad examples only); describe_bad turns them into the reason.
+    image_bytes = next(a for a in elem[:-1] if a.dtype == tf.string)
+    out.update({BAD_KEY: tf.constant(True), ID_KEY: elem[-1], REASON_KEY: image_bytes})
+    return out
+
+  def one(*elem):
+    single = tf.data.Dataset.from_tensors(elem)
+    return single.map(good).ignore_errors().concatenate(single.map(replaced)).take(1)
+
+  return stream.interleave(one, cycle_length=tf.data.AUTOTUNE, block_length=1,
+                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
 # ---------------------------------------------------------------------------------- public API
 
 
@@ -426,7 +514,8 @@ def augment_seed(seed: int, process_index: int):
 def example_stream(builder, dataset_name: str, split: str, *, image_key: str, label_key: str | None,
                    seed: int, process_index: int, process_count: int, local_batch: int,
                    start_step: int, shuffle_buffer: int):
-  """This process's infinite, shuffled, resumable stream of ``(position, image bytes[, label])``.
+  """This process's infinite, shuffled, resumable stream of ``(position, image bytes[, label],
+  TFDS id)``.
 
   Steps 1-3 of the module docstring: the process's even slice in a fixed order, one shuffle per
   epoch seeded by ``(seed, process_index, epoch)``, started at example ``start_step * local_batch``
@@ -436,7 +525,7 @@ def example_stream(builder, dataset_name: str, split: str, *, image_key: str, la
 
   tf = _tf()
   proc_split = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
-  encoded = _read_encoded(builder, proc_split, image_key, label_key)
+  encoded = _read_encoded(builder, proc_split, image_key, label_key, with_id=True)
   n = _cardinality(encoded)
   if n == 0:
     raise ValueError(f"process {process_index}/{process_count} got no examples of "
@@ -452,9 +541,7 @@ def example_stream(builder, dataset_name: str, split: str, *, image_key: str, la
                                       minval=1, maxval=2**31 - 1, dtype=tf.int64)
       ds = ds.shuffle(buffer, seed=s, reshuffle_each_iteration=False)
     positions = tf.data.Dataset.range(e * n, (e + 1) * n)
-    if label_key is None:
-      return tf.data.Dataset.zip(positions, ds)
-    return tf.data.Dataset.zip(positions, ds).map(lambda i, ex: (i, ex[0], ex[1]))
+    return tf.data.Dataset.zip(positions, ds).map(lambda i, ex: (i, *ex))
 
   first_epoch, offset = divmod(start_step * local_batch, n)
   stream = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch)
@@ -464,7 +551,9 @@ def example_stream(builder, dataset_name: str, split: str, *, image_key: str, la
 
 
 class PretrainIterator:
-  """Iterator over numpy batches ``{"image": float32 (local_batch, S, S, 3)}`` (infinite).
+  """Iterator over numpy batches ``{"image": float32 (local_batch, S, S, 3), "bad": bool
+  (local_batch,), "example_id": bytes (local_batch,), "bad_reason": bytes (local_batch,)}``
+  (infinite; see :func:`decode_guarded` for the last three).
 
   Attributes: ``local_batch_size``, ``num_examples`` (examples in this process's slice),
   ``process_index``, ``process_count``, ``start_step``, ``dataset`` (the underlying tf.data).
@@ -486,7 +575,7 @@ class PretrainIterator:
   def __next__(self) -> dict[str, np.ndarray]:
     if self._it is None:
       self._it = self.dataset.as_numpy_iterator()
-    return next(self._it)
+    return describe_bad(next(self._it))
 
 
 def create_pretrain_dataset(
@@ -510,7 +599,9 @@ def create_pretrain_dataset(
   """Infinite iterator of this process's pretraining batches (numpy).
 
   Each element is ``{"image": float32 (global_batch_size // process_count, image_size,
-  image_size, 3)}``, ImageNet mean/std normalized. Process ``process_index`` of ``process_count``
+  image_size, 3)}``, ImageNet mean/std normalized, with ``bad``, ``example_id`` and ``bad_reason``
+  per example: a record that cannot be decoded is replaced by the mean-colour image and flagged
+  (:func:`decode_guarded`), never dropped. Process ``process_index`` of ``process_count``
   (default: jax.process_index()/jax.process_count()) reads its own disjoint even slice of
   ``split``. Deterministic given (seed, process_index, process_count) and resumable:
   ``start_step=k`` yields exactly the batches ``k, k+1, ...`` of the ``start_step=0`` sequence.
@@ -561,8 +652,8 @@ def create_pretrain_dataset(
       img = _resize_normalize(_decode_and_crop(image_bytes, _center_square_box), image_size)
     return {"image": img}
 
-  ds = finish(stream.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True),
-              local_batch, prefetch, threads)
+  ds = finish(decode_guarded(stream, transform, lambda index, image_bytes: {
+      "image": replacement_image(image_size)}), local_batch, prefetch, threads)
   return PretrainIterator(ds, local_batch_size=local_batch, num_examples=n,
                           process_index=process_index, process_count=process_count,
                           start_step=start_step)
@@ -586,10 +677,18 @@ def create_eval_batch(
   builder = check_dataset(dataset_name, split=split, data_dir=data_dir)
   image_key = _image_key(builder, dataset_name)
   _tf()  # imports TF with the accelerators hidden
-  ds = _read_encoded(builder, split, image_key).take(num_images)
-  ds = ds.map(lambda b: _resize_normalize(_decode_and_crop(b, _center_square_box), image_size))
-  images = list(ds.as_numpy_iterator())
-  if len(images) < num_images:
+  ds = _read_encoded(builder, split, image_key, with_id=True).take(num_images)
+  ds = decode_guarded(
+      ds, lambda b: {"image": _resize_normalize(_decode_and_crop(b, _center_square_box), image_size)},
+      lambda b: {"image": replacement_image(image_size)})
+  examples = list(ds.as_numpy_iterator())
+  if len(examples) < num_images:
     raise ValueError(f"num_images={num_images} is not valid: split {split!r} of "
-                     f"{dataset_name!r} has only {len(images)} examples")
-  return np.stack(images).astype(np.float32)
+                     f"{dataset_name!r} has only {len(examples)} examples")
+  import logging  # pylint: disable=import-outside-toplevel
+  for ex in examples:
+    if ex[BAD_KEY]:
+      logging.getLogger(__name__).warning(
+          "Example %s of %r split %r cannot be decoded (%s); the mean-colour image replaces it.",
+          ex[ID_KEY].decode(errors="replace"), dataset_name, split, failure_reason(ex[REASON_KEY]))
+  return np.stack([ex["image"] for ex in examples]).astype(np.float32)

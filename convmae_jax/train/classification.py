@@ -30,7 +30,7 @@ from flax import nnx
 
 from convmae_jax import checkpoints, data, models, weights
 from convmae_jax.data import classification as cls_data
-from convmae_jax.train import core, input_pipeline, losses, mixup, optim
+from convmae_jax.train import core, input_pipeline, losses, mixup, optim, peers
 from convmae_jax.train import sharding as sharding_lib
 from convmae_jax.train import validation
 from convmae_jax.train.errors import ConfigError
@@ -161,10 +161,12 @@ def run(config, workdir: str, *, on_log=None) -> TrainResult:
     ckpt_mgr.close()
     raise
   best_top1 = -1.0
+  bad_examples = 0                   # undecodable examples read so far (all runs of this workdir)
   if latest is not None:
     params, opt_state, rest, meta = restored
     start_step = int(meta.get("step", latest))
     best_top1 = float(meta.get("best_top1", -1.0))
+    bad_examples = int(meta.get("bad_examples", 0))
     logging.info("Resumed from %s at step %d.", ckpt_mgr.directory, start_step)
   else:
     def init():
@@ -219,7 +221,8 @@ def run(config, workdir: str, *, on_log=None) -> TrainResult:
       graphdef=graphdef, param_filter=trainable, loss_fn=loss_fn, tx=tx, schedule=schedule,
       shardings=sh, batch_size=batch_size, grad_accum_steps=config.grad_accum_steps,
       remat=config.get("remat", False), seed=config.seed,
-      skip_nonfinite=config.get("nonfinite", "stop") == "skip", batch_keys=("image", "label"),
+      skip_nonfinite=config.get("nonfinite", "stop") == "skip",
+      batch_keys=("image", "label", data.BAD_KEY),
       prepare=prepare)
   eval_step = jax.jit(_eval_metrics_fn(graphdef_eval),
                       in_shardings=(sh.params, sh.rest, {k: sh.batch for k in ("image", "label", "valid")}),
@@ -246,61 +249,80 @@ def run(config, workdir: str, *, on_log=None) -> TrainResult:
       steps_per_epoch=steps_per_epoch if n_examples else None,
       last_checkpoint=lambda: f"step {ckpt_mgr.latest_step()} in {ckpt_mgr.directory}",
       on_log=on_log, nonfinite=config.get("nonfinite", "stop"),
-      max_consecutive_skips=config.get("max_consecutive_skips", 10))
+      max_consecutive_skips=config.get("max_consecutive_skips", 10),
+      max_bad_fraction=config.get("max_bad_fraction", 1.0), bad_examples=bad_examples,
+      min_examples_for_bad_check=core.min_examples_for_bad_check(config, n_examples))
   best_dir = workdir_path / BEST_SUBDIR
   eval_every = config.eval_every_steps
   logging.info("Training steps %d..%d of %d (global batch %d); evaluating on %d examples of %r "
                "every %s steps.", start_step + 1, end_step, total_steps, batch_size,
                eval_data.num_examples, config.eval_split, eval_every if eval_every > 0 else "(end only)")
   profiler = core.Profiler(config, workdir_path)
-  try:
-    with core.StopRequest() as stop:
-      for step in range(start_step, end_step):
-        done = step + 1
-        batch = next(batches)
-        params, opt_state, rest, metrics = train_step(params, opt_state, rest, batch, np.int32(step))
-        window.add(done, metrics)
-        profiler(done, metrics)
-        result.stopped_by = stop.requested(done, ckpt_mgr)
-        result.step = done
-        is_last = done == end_step or result.stopped_by is not None
+  watchdog = peers.PeerWatchdog(config.get("peer_timeout_s", 120),
+                                peers.finished_steps_text(ckpt_mgr.directory))
+  with watchdog:                     # a lost peer ends the run within peer_timeout_s
+    try:
+      with core.StopRequest() as stop:
+        for step in range(start_step, end_step):
+          done = step + 1
+          batch = next(batches)
+          window.note_bad_examples(done, batch.get(input_pipeline.DevicePrefetcher.HOST, {}))
+          params, opt_state, rest, metrics = train_step(
+              params, opt_state, rest, {k: batch[k] for k in ("image", "label", data.BAD_KEY)},
+              np.int32(step))
+          window.add(done, metrics)
+          profiler(done, metrics)
+          result.stopped_by = stop.requested(done, ckpt_mgr)
+          result.step = done
+          is_last = done == end_step or result.stopped_by is not None
 
-        if done % config.log_every_steps == 0 or is_last:
-          result.losses[done] = window.log(done)["loss"]
+          if done % config.log_every_steps == 0 or is_last:
+            result.losses[done] = window.log(done)["loss"]
 
-        evaluated = None
-        if (eval_every > 0 and done % eval_every == 0) or done == end_step:
-          window.fetch()
-          evaluated = evaluate_model(eval_step, params, rest, eval_data, sh.batch)
-          writer.write_scalars(done, {f"eval_{k}": v for k, v in evaluated.items()})
-          result.metrics[done] = evaluated
-          improved = evaluated["top1"] > best_top1
-          best_top1 = max(best_top1, evaluated["top1"])
-          logging.info("eval step %d | top1 %.2f%% | top5 %.2f%% | loss %.4f | %d examples%s",
-                       done, evaluated["top1"], evaluated["top5"], evaluated["loss"],
-                       evaluated["num_examples"], " | best so far" if improved else "")
-          if improved:
-            _save_best(best_dir, graphdef_eval, params, rest, {
-                **model_meta, "step": done, "eval": evaluated, "eval_split": config.eval_split,
-                "dataset": config.dataset, "job": job})
-          window.restart(done)
+          evaluated = None
+          if (eval_every > 0 and done % eval_every == 0) or done == end_step:
+            window.fetch()
+            evaluated = evaluate_model(eval_step, params, rest, eval_data, sh.batch)
+            writer.write_scalars(done, {f"eval_{k}": v for k, v in evaluated.items()})
+            result.metrics[done] = evaluated
+            improved = evaluated["top1"] > best_top1
+            best_top1 = max(best_top1, evaluated["top1"])
+            logging.info("eval step %d | top1 %.2f%% | top5 %.2f%% | loss %.4f | %d examples%s",
+                         done, evaluated["top1"], evaluated["top5"], evaluated["loss"],
+                         evaluated["num_examples"], " | best so far" if improved else "")
+            if improved:
+              _save_best(best_dir, graphdef_eval, params, rest, {
+                  **model_meta, "step": done, "eval": evaluated, "eval_split": config.eval_split,
+                  "dataset": config.dataset, "job": job})
+            window.restart(done)
 
-        if done % config.checkpoint_every_steps == 0 or is_last:
-          window.fetch()                   # never checkpoint past a non-finite loss
-          meta = {**model_meta, "step": done, "seed": config.seed, "batch_size": batch_size,
-                  "data_position": done, "dataset": config.dataset, "total_steps": total_steps,
-                  "job": job, "best_top1": best_top1}
-          core.save_train_state(ckpt_mgr, done, params, rest, opt_state, meta)
-        if result.stopped_by is not None:
-          break
-  finally:
-    result.skipped_steps = list(window.skipped_steps)
-    profiler.close()
-    window.close()
-    batches.close()
-    ckpt_mgr.wait_until_finished()
-    ckpt_mgr.close()
-    writer.flush()
+          def save():
+            window.fetch()                   # never checkpoint past a non-finite loss
+            meta = {**model_meta, "step": done, "seed": config.seed, "batch_size": batch_size,
+                    "data_position": done, "dataset": config.dataset, "total_steps": total_steps,
+                    "job": job, "best_top1": best_top1, "bad_examples": window.bad_examples}
+            core.save_train_state(ckpt_mgr, done, params, rest, opt_state, meta)
+
+          saved = done % config.checkpoint_every_steps == 0 or is_last
+          if saved:
+            save()
+          problem = window.bad_records_problem()
+          if problem is not None:            # too many undecodable records: stop with a checkpoint
+            if not saved:
+              save()
+            raise core.BadRecordsError(f"{problem} A checkpoint of step {done} is in "
+                                       f"{ckpt_mgr.directory}.")
+          if result.stopped_by is not None:
+            break
+    finally:
+      result.skipped_steps = list(window.skipped_steps)
+      result.bad_examples = window.bad_examples
+      profiler.close()
+      window.close()
+      batches.close()
+      ckpt_mgr.wait_until_finished()
+      ckpt_mgr.close()
+      writer.flush()
 
   result.model = nnx.merge(graphdef_eval, params, rest)
   if result.stopped_by is not None:

@@ -347,7 +347,9 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
   * ``grad_accum_steps > 1``: micro-batch ``k`` takes rows ``k, k+accum, ...`` so every device keeps
     its own rows; gradients, losses and ``loss_fn``'s scalars are averaged. ``remat``: keep only
     weight-matmul outputs and recompute convs, norms, activations and attention in the backward pass.
-  * metrics: ``loss``, ``grad_norm``, ``learning_rate``, ``skipped`` and ``loss_fn``'s own scalars.
+  * metrics: ``loss``, ``grad_norm``, ``learning_rate``, ``skipped`` and ``loss_fn``'s own scalars;
+    with a ``bad`` batch feature (examples the data pipeline replaced), ``bad_examples``: how many
+    of the global batch were bad (the same number on every process).
   * ``skip_nonfinite``: a step whose loss or gradient norm is not finite changes nothing
     (parameters, optimizer state and statistics keep their values; ``skipped`` = 1), so no
     non-finite value ever reaches the state or a checkpoint.
@@ -373,6 +375,8 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
   def train_step(p, opt, r, batch, step):
     r_in = r
     drop_key = jax.random.fold_in(dropout_key, step)
+    batch = dict(batch)
+    bad = batch.pop(data.BAD_KEY, None)   # examples the data pipeline had to replace
     if prepare is not None:
       batch = prepare(dict(batch), step)
     if accum == 1:
@@ -411,6 +415,8 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
       r = jax.tree.map(keep, r, r_in)
     metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(step),
                "skipped": 1.0 - ok.astype(jnp.float32)}
+    if bad is not None:
+      metrics[BAD_METRIC] = jnp.sum(bad.astype(jnp.int32))
     return new_p, new_opt, r, metrics
 
   return jax.jit(train_step,
@@ -428,6 +434,25 @@ class NonFiniteLossError(FloatingPointError):
   """A non-finite training loss; the message names the step and the last checkpoint."""
 
 
+def min_examples_for_bad_check(config, n_examples: int | None) -> int:
+  """How many examples a run reads before ``config.max_bad_fraction`` is checked: one epoch of the
+  split or ``10 / max_bad_fraction``, whichever is fewer (so a few bad records early in the stream
+  do not stop a run, and a whole epoch is judged by its true fraction)."""
+  fraction = float(config.get("max_bad_fraction", 1.0))
+  bound = math.ceil(10.0 / fraction) if fraction > 0 else math.inf
+  if n_examples:
+    bound = min(bound, int(n_examples))
+  return int(bound) if math.isfinite(bound) else int(config.batch_size)
+
+
+class BadRecordsError(RuntimeError):
+  """More than ``config.max_bad_fraction`` of the examples read could not be decoded; the message
+  names some of them and the checkpoint written at the stop."""
+
+
+BAD_METRIC = "bad_examples"
+
+
 class MetricsWindow:
   """Step metrics stay on the devices until a log step; then one progress line and one set of
   TensorBoard scalars: mean loss and grad norm of the window, lr, img/s (total and per device),
@@ -437,7 +462,9 @@ class MetricsWindow:
   def __init__(self, *, writer, total_steps: int, batch_size: int, start_step: int,
                steps_per_epoch: float | None = None, last_checkpoint: Callable[[], str] = lambda: "?",
                label: str = "step", on_log: Callable[[int, dict], None] | None = None,
-               nonfinite: str = "stop", max_consecutive_skips: int = 10):
+               nonfinite: str = "stop", max_consecutive_skips: int = 10,
+               max_bad_fraction: float = 1.0, bad_examples: int = 0,
+               min_examples_for_bad_check: int = 0):
     self.writer = writer
     self.total_steps = total_steps
     self.batch_size = batch_size
@@ -456,6 +483,14 @@ class MetricsWindow:
     self.max_consecutive_skips = max_consecutive_skips
     self.consecutive_skips = 0
     self.skipped_steps: list[int] = []
+    # Undecodable examples: the global count (from the step's metrics, carried over a resume by the
+    # checkpoint), this process's first few by name, the ones already logged.
+    self.bad_examples = int(bad_examples)
+    self.max_bad_fraction = float(max_bad_fraction)
+    self.min_examples_for_bad_check = int(min_examples_for_bad_check)
+    self.fetched_step = start_step
+    self.bad_names: list[str] = []
+    self._bad_logged: set[bytes] = set()
 
   def add(self, step: int, metrics: dict) -> None:
     """Records step ``step``'s (device) metrics; times the first step of the run separately."""
@@ -475,6 +510,8 @@ class MetricsWindow:
     ``nonfinite="stop"``; with "skip" the (already skipped) step is counted and logged, and more
     than ``max_consecutive_skips`` in a row raise."""
     for s, m in jax.device_get(self.pending):
+      self.bad_examples += int(m.pop(BAD_METRIC, 0))
+      self.fetched_step = s
       bad = bool(m.get("skipped", 0.0)) or not np.isfinite(m["loss"])
       if bad and self.nonfinite == "skip":
         self.consecutive_skips += 1
@@ -498,6 +535,40 @@ class MetricsWindow:
       self.window.append(m)
     self.pending.clear()
 
+  def note_bad_examples(self, step: int, batch: Mapping[str, Any]) -> None:
+    """Logs, once per record, each example of this process's ``batch`` (numpy: ``bad``,
+    ``example_id``, ``bad_reason``; the prefetcher's ``"host"`` item) that could not be decoded:
+    its TFDS id and the decoder's message."""
+    flags = batch.get(data.BAD_KEY)
+    if flags is None or not np.any(flags):
+      return
+    ids, reasons = batch[data.ID_KEY], batch[data.REASON_KEY]
+    for i in np.flatnonzero(flags):
+      name = bytes(ids[i])
+      if name in self._bad_logged:
+        continue
+      self._bad_logged.add(name)
+      text = name.decode(errors="replace")
+      if len(self.bad_names) < 5:
+        self.bad_names.append(text)
+      logging.warning("step %d: example %s cannot be decoded (%s); the mean-colour image replaces "
+                      "it.", step, text, bytes(reasons[i]).decode(errors="replace"))
+
+  def bad_records_problem(self) -> str | None:
+    """Says so when more than ``max_bad_fraction`` of the examples read so far (all processes,
+    all runs of this workdir) were bad, once ``min_examples_for_bad_check`` were read; else None."""
+    seen = self.fetched_step * self.batch_size
+    if seen < max(1, self.min_examples_for_bad_check):
+      return None
+    if self.bad_examples <= self.max_bad_fraction * seen:
+      return None
+    names = ", ".join(self.bad_names) if self.bad_names else "none of them in this process's slice"
+    return (f"{self.bad_examples} of the {seen} examples read up to step {self.fetched_step} could "
+            f"not be decoded ({self.bad_examples / seen:.3%}, more than max_bad_fraction="
+            f"{self.max_bad_fraction:g}); stopping. First ones (TFDS ids): {names}. Repair or "
+            "remove these records, or raise --config.max_bad_fraction to go on with the mean-colour "
+            "image in their place.")
+
   def log(self, step: int) -> dict[str, float]:
     """Writes the window's scalars at ``step``, logs the progress line, returns the scalars."""
     self.fetch()
@@ -507,10 +578,12 @@ class MetricsWindow:
     w = self.window
     if not w:                          # every step of the window was skipped
       self.restart(step)
-      return {"loss": float("nan"), "skipped_steps": float(len(self.skipped_steps))}
+      return {"loss": float("nan"), "skipped_steps": float(len(self.skipped_steps)),
+              BAD_METRIC: float(self.bad_examples)}
     scalars = {k: float(np.mean([m[k] for m in w])) for k in w[0]
                if k not in ("learning_rate", "skipped")}
     scalars["skipped_steps"] = float(len(self.skipped_steps))
+    scalars[BAD_METRIC] = float(self.bad_examples)
     scalars["learning_rate"] = float(w[-1]["learning_rate"])
     scalars["core_hours"] = self.core_hours
     if self.steps_per_epoch and math.isfinite(self.steps_per_epoch):
@@ -526,6 +599,8 @@ class MetricsWindow:
                     if k not in ("loss", "grad_norm", "learning_rate", "skipped"))
     if self.skipped_steps:
       extra += f" | skipped {len(self.skipped_steps)}"
+    if self.bad_examples:
+      extra += f" | bad examples {self.bad_examples}"
     line = (f"{self.label} {step}/{self.total_steps} | loss {scalars['loss']:.4f} | lr "
             f"{scalars['learning_rate']:.3g} | grad_norm {scalars['grad_norm']:.3f}{extra} | "
             f"{scalars.get('images_per_sec', float('nan')):.1f} img/s "

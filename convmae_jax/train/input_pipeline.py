@@ -24,11 +24,16 @@ _END = object()
 class DevicePrefetcher:
   """Iterator of ``{name: global jax.Array}`` built from a host iterator of ``{name: np.ndarray}``.
 
-  Images are sent as float32; other arrays keep their dtype.
+  Images are sent as float32; other arrays keep their dtype. The string features of the examples
+  (their TFDS ids and the reasons of bad ones, ``HOST_KEYS``) stay on the host: with the ``bad``
+  flags of this process's rows they form the item ``"host"``, a dict of numpy arrays.
 
   Errors of the host iterator are raised in the consumer at the batch where they happened.
   Call :meth:`close` (or use as a context manager) to stop the thread.
   """
+
+  HOST_KEYS = ("example_id", "bad_reason")
+  HOST = "host"
 
   def __init__(self, host_iter: Iterator[dict], sharding: NamedSharding, prefetch: int = 2):
     self._host_iter = host_iter
@@ -52,7 +57,10 @@ class DevicePrefetcher:
       for batch in self._host_iter:
         arrays = {k: sharding_lib.to_global_array(
             np.asarray(v, np.float32) if k == "image" else np.asarray(v), self._sharding)
-                  for k, v in batch.items()}
+                  for k, v in batch.items() if k not in self.HOST_KEYS}
+        if any(k in batch for k in self.HOST_KEYS):
+          arrays[self.HOST] = {k: np.asarray(batch[k]) for k in self.HOST_KEYS + ("bad",)
+                               if k in batch}
         if not self._put(arrays):
           return
       self._put(_END)

@@ -24,7 +24,7 @@ from absl import logging
 from flax import nnx
 
 from convmae_jax import checkpoints, data, models, visualize
-from convmae_jax.train import core, input_pipeline, optim, validation
+from convmae_jax.train import core, input_pipeline, optim, peers, validation
 
 # Kept for callers of the first release; the shared helpers live in core.
 num_train_examples = core.num_train_examples
@@ -42,6 +42,7 @@ class TrainResult:
   stopped_by: str | None = None   # "SIGTERM", "SIGINT" or "preemption" when the run was asked to stop
   metrics: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)  # eval results
   skipped_steps: list[int] = dataclasses.field(default_factory=list)  # nonfinite="skip"
+  bad_examples: int = 0   # undecodable examples read (replaced), all runs of this workdir so far
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,9 +140,11 @@ def pretrain(config, workdir: str, *, on_log=None) -> TrainResult:
   except validation.ConfigError:
     ckpt_mgr.close()
     raise
+  bad_examples = 0                   # undecodable examples read so far (all runs of this workdir)
   if latest is not None:
     params, opt_state, rest, meta = restored
     start_step = int(meta.get("step", latest))
+    bad_examples = int(meta.get("bad_examples", 0))
     if meta.get("seed", config.seed) != config.seed or meta.get("batch_size",
                                                                 config.batch_size) != config.batch_size:
       logging.warning("Resuming step %d written with seed=%s batch_size=%s, now seed=%s batch_size=%s "
@@ -186,7 +189,8 @@ def pretrain(config, workdir: str, *, on_log=None) -> TrainResult:
       graphdef=graphdef, param_filter=nnx.Param, loss_fn=loss_fn, tx=tx, schedule=schedule,
       shardings=sh, batch_size=batch_size, grad_accum_steps=config.grad_accum_steps,
       remat=config.get("remat", False), seed=config.seed,
-      skip_nonfinite=config.get("nonfinite", "stop") == "skip", batch_keys=("image",), prepare=prepare)
+      skip_nonfinite=config.get("nonfinite", "stop") == "skip", batch_keys=("image", data.BAD_KEY),
+      prepare=prepare)
 
   # ===================================== Data ==================================================
   result = TrainResult(step=start_step, losses={}, model=None, workdir=str(workdir))
@@ -208,45 +212,63 @@ def pretrain(config, workdir: str, *, on_log=None) -> TrainResult:
       steps_per_epoch=steps_per_epoch if n_examples else None,
       last_checkpoint=lambda: f"step {ckpt_mgr.latest_step()} in {ckpt_mgr.directory}",
       on_log=on_log, nonfinite=config.get("nonfinite", "stop"),
-      max_consecutive_skips=config.get("max_consecutive_skips", 10))
+      max_consecutive_skips=config.get("max_consecutive_skips", 10),
+      max_bad_fraction=config.get("max_bad_fraction", 1.0), bad_examples=bad_examples,
+      min_examples_for_bad_check=core.min_examples_for_bad_check(config, n_examples))
   logging.info("Training steps %d..%d of %d (global batch %d).", start_step + 1, end_step,
                total_steps, batch_size)
   profiler = core.Profiler(config, workdir_path)
-  try:
-    with core.StopRequest() as stop:
-      for step in range(start_step, end_step):
-        done = step + 1                    # updates finished after this iteration
-        batch = next(batches)
-        params, opt_state, rest, metrics = train_step(params, opt_state, rest,
-                                                      {"image": batch["image"]}, np.int32(step))
-        window.add(done, metrics)
-        profiler(done, metrics)
-        result.stopped_by = stop.requested(done, ckpt_mgr)
-        result.step = done
-        is_last = done == end_step or result.stopped_by is not None
+  watchdog = peers.PeerWatchdog(config.get("peer_timeout_s", 120),
+                                peers.finished_steps_text(ckpt_mgr.directory))
+  with watchdog:                     # a lost peer ends the run within peer_timeout_s
+    try:
+      with core.StopRequest() as stop:
+        for step in range(start_step, end_step):
+          done = step + 1                    # updates finished after this iteration
+          batch = next(batches)
+          window.note_bad_examples(done, batch.get(input_pipeline.DevicePrefetcher.HOST, {}))
+          params, opt_state, rest, metrics = train_step(
+              params, opt_state, rest, {k: batch[k] for k in ("image", data.BAD_KEY)}, np.int32(step))
+          window.add(done, metrics)
+          profiler(done, metrics)
+          result.stopped_by = stop.requested(done, ckpt_mgr)
+          result.step = done
+          is_last = done == end_step or result.stopped_by is not None
 
-        if done % config.log_every_steps == 0 or is_last:
-          result.losses[done] = window.log(done)["loss"]
+          if done % config.log_every_steps == 0 or is_last:
+            result.losses[done] = window.log(done)["loss"]
 
-        if done % config.checkpoint_every_steps == 0 or is_last:
-          window.fetch()                   # never checkpoint past a non-finite loss
-          meta = {**model_meta, "step": done, "seed": config.seed, "batch_size": batch_size,
-                  "data_position": done, "dataset": config.dataset, "total_steps": total_steps}
-          core.save_train_state(ckpt_mgr, done, params, rest, opt_state, meta)
+          def save():
+            window.fetch()                   # never checkpoint past a non-finite loss
+            meta = {**model_meta, "step": done, "seed": config.seed, "batch_size": batch_size,
+                    "data_position": done, "dataset": config.dataset, "total_steps": total_steps,
+                    "bad_examples": window.bad_examples}
+            core.save_train_state(ckpt_mgr, done, params, rest, opt_state, meta)
 
-        if figure is not None and ((recon_every > 0 and done % recon_every == 0) or
-                                   (is_last and config.get("recon_at_end", True))):
-          figure.write(done, params, rest)
-        if result.stopped_by is not None:
-          break
-  finally:
-    result.skipped_steps = list(window.skipped_steps)
-    profiler.close()
-    window.close()
-    batches.close()
-    ckpt_mgr.wait_until_finished()
-    ckpt_mgr.close()
-    writer.flush()
+          saved = done % config.checkpoint_every_steps == 0 or is_last
+          if saved:
+            save()
+          problem = window.bad_records_problem()
+          if problem is not None:            # too many undecodable records: stop with a checkpoint
+            if not saved:
+              save()
+            raise core.BadRecordsError(f"{problem} A checkpoint of step {done} is in "
+                                       f"{ckpt_mgr.directory}.")
+
+          if figure is not None and ((recon_every > 0 and done % recon_every == 0) or
+                                     (is_last and config.get("recon_at_end", True))):
+            figure.write(done, params, rest)
+          if result.stopped_by is not None:
+            break
+    finally:
+      result.skipped_steps = list(window.skipped_steps)
+      result.bad_examples = window.bad_examples
+      profiler.close()
+      window.close()
+      batches.close()
+      ckpt_mgr.wait_until_finished()
+      ckpt_mgr.close()
+      writer.flush()
 
   result.model = nnx.merge(graphdef, params, rest)
   first, last = min(result.losses), max(result.losses)

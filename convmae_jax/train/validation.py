@@ -126,6 +126,17 @@ def _check_mesh_batch_steps(config, num_devices: int, process_count: int) -> tup
     raise ConfigError(f"config.nonfinite={config.nonfinite!r} is not accepted; use 'stop' or 'skip'.")
   if config.get("nonfinite", "stop") == "skip":
     _positive_int(config, "max_consecutive_skips")
+  fraction = config.get("max_bad_fraction", 1.0)
+  if (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
+      or not 0.0 <= float(fraction) <= 1.0):
+    raise ConfigError(f"config.max_bad_fraction={fraction!r} is not accepted: expected a fraction "
+                      "in [0, 1] of the examples read that may be undecodable (e.g. 0.001; 1 = never "
+                      "stop).")
+  timeout = config.get("peer_timeout_s", 120.0)
+  if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+      or not math.isfinite(float(timeout)) or float(timeout) < 1.0):
+    raise ConfigError(f"config.peer_timeout_s={timeout!r} is not accepted: expected seconds >= 1 "
+                      "(how long the other processes wait for one that stopped answering; e.g. 120).")
   for name in ("b1", "b2"):
     if name in config and not 0.0 <= config[name] < 1.0:
       raise ConfigError(f"config.{name}={config[name]!r} must lie in [0, 1).")
