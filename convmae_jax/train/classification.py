@@ -265,7 +265,7 @@ def run(config, workdir: str, *, on_log=None) -> TrainResult:
       with core.StopRequest() as stop:
         for step in range(start_step, end_step):
           done = step + 1
-          batch = next(batches)
+          batch = window.next_batch(batches)
           window.note_bad_examples(done, batch.get(input_pipeline.DevicePrefetcher.HOST, {}))
           params, opt_state, rest, metrics = train_step(
               params, opt_state, rest, {k: batch[k] for k in ("image", "label", data.BAD_KEY)},

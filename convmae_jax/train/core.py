@@ -456,7 +456,8 @@ BAD_METRIC = "bad_examples"
 class MetricsWindow:
   """Step metrics stay on the devices until a log step; then one progress line and one set of
   TensorBoard scalars: mean loss and grad norm of the window, lr, img/s (total and per device),
-  ETA, core-hours and epoch. Compilation (the first step of a run) is kept out of the throughput.
+  input wait (share of the time the loop waited for the next batch), ETA, core-hours and epoch.
+  Compilation (the first step of a run) is kept out of the throughput.
   """
 
   def __init__(self, *, writer, total_steps: int, batch_size: int, start_step: int,
@@ -476,6 +477,7 @@ class MetricsWindow:
     self.window: list[dict] = []
     self.core_hours = 0.0
     self._start, self._first = time.perf_counter(), start_step
+    self._input_wait = 0.0
     self._run_start_step = start_step
     self._bar = None
     self.on_log = on_log
@@ -504,6 +506,16 @@ class MetricsWindow:
   def restart(self, step: int) -> None:
     """Starts the throughput clock at ``step`` (after the first step, or after an evaluation)."""
     self._start, self._first = time.perf_counter(), step
+    self._input_wait = 0.0
+
+  def next_batch(self, batches):
+    """``next(batches)``, timing how long the loop waits for it. The window's share of such waits
+    is ``input_wait_fraction``: near 0 when the input keeps ahead of the steps, large when the
+    accelerator idles for data (more host cores or tf.data threads are needed)."""
+    t0 = time.perf_counter()
+    batch = next(batches)
+    self._input_wait += time.perf_counter() - t0
+    return batch
 
   def fetch(self) -> None:
     """Moves the pending metrics to the host. A non-finite loss raises NonFiniteLossError with
@@ -593,7 +605,7 @@ class MetricsWindow:
       img_s = steps_timed * self.batch_size / elapsed
       eta = (self.total_steps - step) * self.batch_size / img_s
       scalars.update(images_per_sec=img_s, images_per_sec_per_device=img_s / self.num_devices,
-                     eta_hours=eta / 3600.0)
+                     eta_hours=eta / 3600.0, input_wait_fraction=min(1.0, self._input_wait / elapsed))
     self.writer.write_scalars(step, scalars)
     extra = "".join(f" | {k} {scalars[k]:.4g}" for k in sorted(w[0])
                     if k not in ("loss", "grad_norm", "learning_rate", "skipped"))
@@ -604,7 +616,8 @@ class MetricsWindow:
     line = (f"{self.label} {step}/{self.total_steps} | loss {scalars['loss']:.4f} | lr "
             f"{scalars['learning_rate']:.3g} | grad_norm {scalars['grad_norm']:.3f}{extra} | "
             f"{scalars.get('images_per_sec', float('nan')):.1f} img/s "
-            f"({scalars.get('images_per_sec_per_device', float('nan')):.1f}/device) | eta {format_eta(eta)}")
+            f"({scalars.get('images_per_sec_per_device', float('nan')):.1f}/device) | input wait "
+            f"{100 * scalars.get('input_wait_fraction', float('nan')):.0f}% | eta {format_eta(eta)}")
     self._report(step, line, scalars)
     if self.on_log is not None:
       self.on_log(step, dict(scalars))
