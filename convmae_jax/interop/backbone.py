@@ -197,7 +197,7 @@ def load_backbone_state_dict(model, state_dict: Mapping[str, Any], *, strict: bo
       continue
     a = convert._to_numpy(sd[k])
     a = convert._from_torch_layout(path, a, len(old.shape))
-    new = jnp.asarray(np.ascontiguousarray(a), dtype=old.dtype)
+    new = jnp.asarray(np.array(a, order="C"), dtype=old.dtype)  # keeps 0-d arrays 0-d
     sharding = getattr(old, "sharding", None)
     new_flat[path] = jax.device_put(new, sharding) if sharding is not None else new
     loaded.append(k)
