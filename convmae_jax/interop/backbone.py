@@ -31,7 +31,7 @@ from convmae_jax.interop import convert
 
 __all__ = ["CODEBASE_PREFIXES", "codebase_prefix", "to_backbone_state_dict",
            "backbone_state_dict_shapes", "load_backbone_state_dict", "BackboneLoadReport",
-           "strip_prefix"]
+           "strip_prefix", "save_backbone"]
 
 CODEBASE_PREFIXES = {"shared_table": "backbone.bottom_up.", "per_block_table": "backbone.",
                      "decomposed": "backbone.net.", "none": "backbone."}
@@ -204,3 +204,20 @@ def load_backbone_state_dict(model, state_dict: Mapping[str, Any], *, strict: bo
   nnx.replace_by_pure_dict(state, convert._unflatten(new_flat))
   nnx.update(model, state)
   return BackboneLoadReport(loaded=loaded, missing=missing, ignored=ignored, prefix=prefix)
+
+
+def save_backbone(model, path: str, *, prefix: str | None = "", wrapper: str | None = "model") -> dict:
+  """Writes `to_backbone_state_dict(model, prefix)` to `path`: `.pth` as `{wrapper: state_dict}`
+  (torch.save; wrapper None = the bare state dict; detectron2 reads "model", mmcv "state_dict" or
+  a bare dict), `.safetensors` as the bare state dict (no torch needed). Returns the state dict."""
+  sd = to_backbone_state_dict(model, prefix)
+  if str(path).endswith(".safetensors"):
+    from safetensors.numpy import save_file
+    save_file({k: np.array(v, order="C") for k, v in sd.items()}, str(path))
+  elif str(path).endswith((".pth", ".pt")):
+    import torch
+    tensors = {k: torch.from_numpy(np.array(v, order="C")) for k, v in sd.items()}
+    torch.save({wrapper: tensors} if wrapper else tensors, str(path))
+  else:
+    raise ValueError(f"{path}: unknown file type; use .pth, .pt or .safetensors")
+  return sd

@@ -274,14 +274,9 @@ BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
                    rel_pos="decomposed", layer_scale=None, pos_embed="interpolate",
                    out_stride32="none", cblock_norm_eps=1e-6, drop_path_rate=0.1),
 }
-# Stage-3 depth of the tiny test size for backbones: enough blocks for windowed and global ones.
-BACKBONE_SIZE_OVERRIDES: dict[str, dict[str, Any]] = {"tiny": dict(depths=(1, 1, 4))}
-
-
 def backbone_defaults(preset: str, size: str) -> dict[str, Any]:
   """Config fields of `convvit_{preset}_{size}` (preset fields over the size table)."""
   out = dict(SIZES[size])
-  out.update(BACKBONE_SIZE_OVERRIDES.get(size, {}))
   out.update(BACKBONE_PRESETS[preset])
   depth = out["depths"][2]
   out["global_blocks"] = tuple(i for i in out["global_blocks"] if i < depth)
