@@ -53,9 +53,10 @@ def _cpu_model():
   return platform.processor() or platform.machine()
 
 
-def jax_step(name, args):
-  model = models.create(name, rngs=nnx.Rngs(0), img_size=args.img, drop_path_rate=0.0,
-                        dtype=args.dtype, remat=args.remat)
+def jax_step(name, args, build_abstract=False):
+  make = lambda: models.create(name, rngs=nnx.Rngs(0), img_size=args.img, drop_path_rate=0.0,
+                               dtype=args.dtype, remat=args.remat)
+  model = nnx.eval_shape(make) if build_abstract else make()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss_fn(p, rest, images):
@@ -63,8 +64,11 @@ def jax_step(name, args):
     return sum(jnp.mean(jnp.square(v.astype(jnp.float32))) for v in out.values())
 
   step = jax.jit(jax.value_and_grad(loss_fn))
-  images = jnp.asarray(np.random.default_rng(0).standard_normal(
-      (args.batch, args.img, args.img, 3)).astype(np.float32))
+  if build_abstract:
+    images = jax.ShapeDtypeStruct((args.batch, args.img, args.img, 3), jnp.float32)
+  else:
+    images = jnp.asarray(np.random.default_rng(0).standard_normal(
+        (args.batch, args.img, args.img, 3)).astype(np.float32))
   t0 = time.perf_counter()
   compiled = step.lower(params, rest, images).compile()
   compile_s = time.perf_counter() - t0
@@ -140,6 +144,11 @@ def main():
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--memory", default="auto", choices=("auto", "off"),
                   help="auto: child-process peak RSS on CPU, max_memory_allocated on CUDA")
+  ap.add_argument("--compile_only", action="store_true",
+                  help="JAX: only compile the step and report its compiled peak memory (for sizes "
+                       "that do not fit this machine's memory); the twin still runs unless "
+                       "--no_torch")
+  ap.add_argument("--no_torch", action="store_true", help="with --compile_only: skip the twin")
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
   args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -151,6 +160,29 @@ def main():
     if args.child:
       run_child(args.child, name, args)
       return
+    if args.compile_only:
+      _, compile_s, jax_peak, _ = jax_step(name, args, build_abstract=True)
+      rec = {"job": args.preset, "model": name, "img_size": args.img, "batch": args.batch,
+             "jax_dtype": args.dtype, "remat": args.remat, "backend": jax.default_backend(),
+             "cpu": _cpu_model(), "jax_compile_s": round(compile_s, 1),
+             "jax_compiled_peak_bytes": jax_peak}
+      if not args.no_torch:                      # the twin alone, from its own initialisation
+        trun = torch_step(name, args)
+        trun()
+        times = []
+        for i in range(args.warmup + args.steps):
+          t0 = time.perf_counter()
+          trun()
+          if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        rec.update({"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "steps": args.steps, "torch_step_s": round(statistics.median(times), 3)})
+        if args.device == "cuda":
+          rec["torch_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        elif args.memory == "auto":
+          rec["torch_step_peak_rss_bytes"] = child_peak("torch", name, args)
+      print(json.dumps(rec), flush=True)
+      continue
     jrun, compile_s, jax_peak, jmodel = jax_step(name, args)
     trun = torch_step(name, args, jmodel)
     del jmodel
