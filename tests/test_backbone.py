@@ -250,6 +250,18 @@ def test_features_equal_pytorch_twin(preset):
     assert diff <= PARITY_ATOL, (k, diff)
 
 
+def test_lean_softmax_same_values_and_gradients():
+  """The backbone's softmax keeps only its output for the backward pass: forward bit-identical to
+  jax.nn.softmax, gradients equal to float32 rounding."""
+  x = jnp.asarray(4 * np.random.default_rng(0).standard_normal((2, 3, 50, 50)).astype(np.float32))
+  g = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 50, 50)).astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(layers.softmax_keep_output(x)),
+                                np.asarray(jax.nn.softmax(x, axis=-1)))
+  lean = jax.grad(lambda x: jnp.sum(layers.softmax_keep_output(x) * g))(x)
+  ref = jax.grad(lambda x: jnp.sum(jax.nn.softmax(x, axis=-1) * g))(x)
+  assert float(jnp.max(jnp.abs(lean - ref))) <= 1e-6
+
+
 def test_remat_and_bfloat16():
   """remat=True gives the same loss and gradients; bfloat16 compute stays near float32."""
   kw = dict(img_size=64, window_size=2, drop_path_rate=0.0)     # 4x4 grid, 2x2 windows

@@ -8,6 +8,7 @@ in transformer blocks. Parameters are float32; `dtype` is the compute dtype of m
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable
 
 import jax
@@ -362,6 +363,26 @@ def decomposed_bias(scores: jax.Array, q: jax.Array, rel_pos_h: jax.Array, rel_p
   return s.reshape(b, n, length, length)
 
 
+@jax.custom_vjp
+def softmax_keep_output(x: jax.Array) -> jax.Array:
+  """jax.nn.softmax over the last axis (the same forward values), whose backward keeps only the
+  output: dx = y·(dy − Σ dy·y). Autodiff of jax.nn.softmax keeps exp(x − max) as well, a second
+  (…, L, L) tensor per attention layer (805 MB per global block at a 64×64 grid, 12 heads)."""
+  return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_fwd(x):
+  y = jax.nn.softmax(x, axis=-1)
+  return y, y
+
+
+def _softmax_bwd(y, g):
+  return (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
+
+
+softmax_keep_output.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection ([q|k|v], head-major channels).
 
@@ -370,12 +391,13 @@ class Attention(nnx.Module):
   rel_pos: "none"; "table" (a BEiT-style per-block table `relative_position_bias_table`
   ((2gh−1)(2gw−1), heads)); or "decomposed" (ViTDet's `rel_pos_h` (2gh−1, hd), `rel_pos_w`
   (2gw−1, hd)). rel_pos_grid = (gh, gw), the token grid this attention sees (a window or the whole
-  map). Tables start at zero, as in the official backbones.
+  map). Tables start at zero, as in the official backbones. lean_softmax: use
+  `softmax_keep_output` (same forward, half the saved attention activations).
   """
 
   def __init__(self, dim: int, num_heads: int, *, kernel_init: Initializer,
                rel_pos: str = "none", rel_pos_grid: tuple[int, int] | None = None,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               lean_softmax: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
     if dim % num_heads:
       raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
     if rel_pos not in ("none", "table", "decomposed"):
@@ -385,6 +407,7 @@ class Attention(nnx.Module):
     self.qkv = Linear(dim, 3 * dim, kernel_init=kernel_init(dim, 3 * dim), dtype=dtype, rngs=rngs)
     self.proj = Linear(dim, dim, kernel_init=kernel_init(dim, dim), dtype=dtype, rngs=rngs)
     self.dtype = dtype
+    self.lean_softmax = lean_softmax
     self.rel_pos = rel_pos
     self.rel_pos_grid = None if rel_pos_grid is None else tuple(int(g) for g in rel_pos_grid)
     if rel_pos != "none":
@@ -411,7 +434,8 @@ class Attention(nnx.Module):
                                self.rel_pos_grid)
     if bias is not None:
       scores = scores + bias.astype(jnp.float32)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    softmax = softmax_keep_output if self.lean_softmax else partial(jax.nn.softmax, axis=-1)
+    probs = softmax(scores).astype(self.dtype)
     out = (probs @ v).transpose(0, 2, 1, 3).reshape(b, length, d)
     return self.proj(out)
 
@@ -458,16 +482,18 @@ class Block(nnx.Module):
   non-overlapping window_size² windows of the token grid (padded with zero tokens after norm1 when
   the grid does not divide, as ViTDet; padded tokens are keys like any other); layer_scale = the
   initial value of per-channel gammas `gamma_1` / `gamma_2` on the two branches (BEiT);
-  rel_pos / rel_pos_grid go to `Attention`.
+  rel_pos / rel_pos_grid / lean_softmax go to `Attention`.
   """
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *,
                kernel_init: Callable[[int, int], Initializer], drop_path: float = 0.0,
                window_size: int = 0, layer_scale: float | None = None, rel_pos: str = "none",
-               rel_pos_grid: tuple[int, int] | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+               rel_pos_grid: tuple[int, int] | None = None, lean_softmax: bool = False,
+               dtype=jnp.float32, rngs: nnx.Rngs):
     self.norm1 = LayerNorm(dim, 1e-6, dtype=dtype)
     self.attn = Attention(dim, num_heads, kernel_init=kernel_init, rel_pos=rel_pos,
-                          rel_pos_grid=rel_pos_grid, dtype=dtype, rngs=rngs)
+                          rel_pos_grid=rel_pos_grid, lean_softmax=lean_softmax, dtype=dtype,
+                          rngs=rngs)
     self.norm2 = LayerNorm(dim, 1e-6, dtype=dtype)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), kernel_init=kernel_init, dtype=dtype, rngs=rngs)
     self.drop_path = DropPath(drop_path, rngs=rngs)
