@@ -24,7 +24,11 @@ from convmae_jax.interop import torch_backbone as tb  # noqa: E402
 from convmae_jax.models import layers  # noqa: E402
 from convmae_jax.models.pos_embed import resize_pos_embed  # noqa: E402
 
-FACTS_PATH = os.environ.get("CONVMAE_BACKBONE_FACTS", "/work/shared/reference/backbone_facts.json")
+# State-dict keys, shapes, buffers, parameter counts and output shapes of the official detection
+# (DET/models/convmae.py) and segmentation (SEG/backbone/convmae.py) backbones, measured by
+# instantiating the official classes (see the file's "about"); written independently of this code.
+FACTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                          "official_backbone_facts.json")
 PRESETS = ("det", "seg", "vitdet")
 PARITY_ATOL = 1e-5
 TINY = models.SIZES["tiny"]
@@ -292,14 +296,16 @@ def test_remat_and_bfloat16():
 # pretrained checkpoints
 
 
-def test_init_from_pretraining_checkpoint():
+def test_init_from_pretraining_checkpoint(tmp_path):
   mae = models.create("convmae_tiny", rngs=nnx.Rngs(0), img_size=224)
   _randomize(mae, 3)
   from convmae_jax.interop import convert
   sd = convert.to_torch_state_dict(mae)                   # official pretraining layout, 14x14
+  path = str(tmp_path / "convmae_tiny.pth")               # an official-style .pth file
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}, "epoch": 1}, path)
   for preset, grid in (("det", 32), ("seg", 32), ("vitdet", 14)):
     bb = models.create(f"convvit_{preset}_tiny", rngs=nnx.Rngs(0), img_size=512)
-    rep = weights.init_backbone(bb, {"model": sd})
+    rep = weights.init_backbone(bb, path if preset == "det" else {"model": sd})
     assert rep["ignored"] == sum(k.startswith(convert.PRETRAIN_ONLY_PREFIXES) for k in sd)
     np.testing.assert_array_equal(np.asarray(bb.blocks3[1].attn.qkv.kernel[...]),
                                   np.asarray(mae.blocks3[1].attn.qkv.kernel[...]))
