@@ -145,3 +145,69 @@ def init_classifier(model, source: str | os.PathLike | dict, *, step: int | None
           "kind": kind, "loaded": len(report.loaded), "missing": report.missing,
           "ignored": len(report.ignored), "pos_embed_resized": resized,
           "model_name": meta.get("model_name"), "step": meta.get("step")}
+
+
+def _backbone_only(key: str) -> bool:
+  """Keys a pretraining checkpoint cannot hold: relative-position terms, layer scale, the
+  segmentation backbone's stride-32 branch."""
+  return (key.startswith(("windowed_rel_pos_bias.", "global_rel_pos_bias.", "fpn."))
+          or ".relative_position_" in key or ".rel_pos_" in key or ".gamma_" in key)
+
+
+def init_backbone(model, source: str | os.PathLike | dict, *,
+                  step: int | None = None) -> dict[str, Any]:
+  """Loads a checkpoint into a detection / segmentation backbone in place, as the official
+  codebases do it when they start from pretrained weights.
+
+  ``source``: a pretraining checkpoint (ours: a workdir or model-only checkpoint; or an official
+  ``.pth``), a classifier or encoder state dict, or a trained backbone (bare, codebase-prefixed or a
+  whole detector/segmentor checkpoint). The encoder keys are taken; decoder-side and classifier-only
+  keys are ignored; a ``pos_embed`` of another grid is resized bicubic (align_corners=False) to the
+  model's stored grid (the token grid, or the pretraining grid for ``pos_embed="interpolate"``);
+  relative-position tables, layer-scale gammas and the ``fpn`` branch keep their initial values
+  (tables zero) when the source has none. ValueError, before anything changes, for a missing
+  encoder key or shapes that do not fit (naming the first keys). Returns a report dict.
+  """
+  from convmae_jax.interop import backbone as ib
+  from convmae_jax.interop import convert
+
+  if isinstance(source, dict):
+    sd, meta = source, {}
+  else:
+    sd, meta = read_state_dict(source, step=step)
+  name = meta.get("model_name") or (os.fspath(source) if not isinstance(source, dict) else "state dict")
+  sd, prefix, outside = ib.strip_prefix(convert.unwrap_state_dict(sd))
+  kind = state_dict_kind(sd) if not any(_backbone_only(k) for k in sd) else "backbone"
+  drop = convert.PRETRAIN_ONLY_PREFIXES + convert.CLASSIFIER_ONLY_PREFIXES
+  ignored = [k for k in sd if k.startswith(drop)]
+  sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
+
+  resized = None
+  if "pos_embed" in sd:
+    pos = np.asarray(convert._to_numpy(sd["pos_embed"]))
+    want = tuple(model.pos_embed.shape)
+    if tuple(pos.shape) != want:
+      side = int(round(pos.shape[1] ** 0.5)) if pos.ndim == 3 else 0
+      # Another width (another model size) is left to the shape check, which names every key.
+      if pos.ndim == 3 and pos.shape[-1] == want[-1]:
+        if side * side != pos.shape[1]:
+          raise ValueError(f"{name}: pos_embed {tuple(pos.shape)} is not a square grid; cannot "
+                           f"resize it to the backbone's {want}")
+        new_side = int(round(want[1] ** 0.5))
+        sd = dict(sd, pos_embed=resize_pos_embed(pos, new_side, side))
+        resized = (pos.shape[1], want[1])
+
+  expected = ib.backbone_state_dict_shapes(model)
+  missing = [k for k in expected if k not in sd and not _backbone_only(k)]
+  if missing:
+    raise ValueError(f"{name} does not hold the whole encoder for this backbone: "
+                     f"{len(missing)} missing key(s), first {missing[:10]}")
+  unexpected = [k for k in sd if k not in expected]
+  if unexpected:
+    raise ValueError(f"{name} has {len(unexpected)} key(s) this backbone has no place for, first "
+                     f"{unexpected[:10]}")
+  # Shapes (and relative-position index buffers) are checked there, before anything changes.
+  report = ib.load_backbone_state_dict(model, sd, strict=False)
+  return {"source": name, "kind": kind, "prefix": prefix, "loaded": len(report.loaded),
+          "kept_initial": report.missing, "ignored": len(ignored) + len(outside),
+          "pos_embed_resized": resized}

@@ -4,6 +4,8 @@
     sd = interop.to_torch_state_dict(model)          # {official key: numpy array}
     report = interop.load_torch_state_dict(model, sd)  # in place; raises ValueError on bad keys
     tm = interop.torch_model("convmae_base", img_size=224, norm_pix_loss=True)  # torch.nn.Module
+    sd = interop.to_backbone_state_dict(net, prefix="codebase")   # detection/segmentation backbones
+    from convmae_jax.interop.torch_backbone import torch_backbone  # their PyTorch twins
 
 Importing this package is free: nothing (not jax, not torch) is imported until a name is used, and
 torch only by ``torch_model`` / the ``torch_reference`` module. Command line:
@@ -16,7 +18,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 __all__ = ["to_torch_state_dict", "load_torch_state_dict", "torch_model", "LoadReport",
-           "unwrap_state_dict"]
+           "unwrap_state_dict", "to_backbone_state_dict", "load_backbone_state_dict",
+           "save_backbone"]
 
 _LAZY = {
     "to_torch_state_dict": "convmae_jax.interop.convert",
@@ -24,6 +27,9 @@ _LAZY = {
     "LoadReport": "convmae_jax.interop.convert",
     "unwrap_state_dict": "convmae_jax.interop.convert",
     "torch_model": "convmae_jax.interop.torch_reference",
+    "to_backbone_state_dict": "convmae_jax.interop.backbone",
+    "load_backbone_state_dict": "convmae_jax.interop.backbone",
+    "save_backbone": "convmae_jax.interop.backbone",
 }
 
 if TYPE_CHECKING:  # pragma: no cover

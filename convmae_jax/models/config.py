@@ -162,6 +162,129 @@ class ConvViTConfig(EncoderConfig):
       raise ValueError(f"drop_path_rate {self.drop_path_rate} must lie in [0, 1)")
 
 
+_REL_POS_KINDS = ("shared_table", "per_block_table", "decomposed", "none")
+_POS_EMBED_KINDS = ("frozen", "trainable", "interpolate")
+_STRIDE32_KINDS = ("maxpool", "conv_bn_gelu", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig(EncoderConfig):
+  """Detection / segmentation backbone: the ConvViT encoder with local window attention in stage 3
+  and a pyramid of stride 4, 8, 16 (and 32) maps. Defaults = the detectron2 backbone (spec §5.1).
+
+  img_size: the (square) input side in pixels, a multiple of prod(patch_sizes); with windows that
+    are not padded the stage-3 grid must also divide by window_size.
+  global_blocks: stage-3 block indices (0-based) with global attention; the others attend within
+    window_size × window_size token windows.
+  window_size: window side in stage-3 tokens.
+  window_padding: pad the grid with zero tokens up to a multiple of window_size (ViTDet) instead
+    of refusing grids that do not divide.
+  rel_pos: relative position term added to the attention scores —
+    "shared_table": one zero-initialised BEiT table shared by all windowed blocks and one by all
+      global blocks (`windowed_rel_pos_bias`, `global_rel_pos_bias`);
+    "per_block_table": one table per block (`blocks3.i.attn.relative_position_bias_table`);
+    "decomposed": ViTDet's per-block `rel_pos_h` / `rel_pos_w` (head_dim wide);
+    "none".
+  layer_scale: initial value of per-channel gammas on both branches of each block, None = none.
+  pos_embed: "frozen" (stored at the model's token grid, not trained), "trainable" (same, trained)
+    or "interpolate" (stored at the pretraining grid, pretrain_img_size / 16, and resized bicubic
+    to the token grid at every forward).
+  out_stride32: the fourth output: "maxpool" (2×2 max pool of the stride-16 map), "conv_bn_gelu"
+    (3×3 stride-2 unpadded conv → BatchNorm → GELU) or "none" (three outputs).
+  cblock_norm_eps: LayerNorm eps of the conv blocks (1e-5 official, 1e-6 in the ViTDet port).
+  drop_path_rate: spread linearly over all blocks of all stages.
+  remat: recompute each block in the backward pass instead of keeping its activations.
+  """
+  img_size: int = 1024
+  global_blocks: tuple[int, ...] = (0, 3, 6, 10)
+  window_size: int = 16
+  window_padding: bool = False
+  rel_pos: str = "shared_table"
+  layer_scale: float | None = None
+  pos_embed: str = "frozen"
+  pretrain_img_size: int = 224
+  out_stride32: str = "maxpool"
+  cblock_norm_eps: float = 1e-5
+  drop_path_rate: float = 0.1
+  remat: bool = False
+
+  def is_global(self, index: int) -> bool:
+    return index in self.global_blocks
+
+  @property
+  def pretrain_grid(self) -> int:
+    return self.pretrain_img_size // self.total_stride
+
+  def _accepted_sizes_near(self, size: int) -> list[int]:
+    step = self.total_stride * (1 if self.window_padding else self.window_size)
+    lower = (int(size) // step) * step
+    return [v for v in (lower, lower + step) if v > 0 and v != size] or [step]
+
+  def validate(self) -> None:
+    super().validate()
+    depth = self.depths[2]
+    bad = [i for i in self.global_blocks if not isinstance(i, int) or not 0 <= i < depth]
+    if bad:
+      raise ValueError(f"global_blocks {tuple(self.global_blocks)}: index {bad[0]!r} is out of range "
+                       f"for {depth} stage-3 blocks; accepted: 0..{depth - 1}")
+    if len(set(self.global_blocks)) != len(self.global_blocks):
+      raise ValueError(f"global_blocks {tuple(self.global_blocks)} repeats an index")
+    if self.rel_pos not in _REL_POS_KINDS:
+      raise ValueError(f"rel_pos {self.rel_pos!r} is not one of {_REL_POS_KINDS}")
+    if self.pos_embed not in _POS_EMBED_KINDS:
+      raise ValueError(f"pos_embed {self.pos_embed!r} is not one of {_POS_EMBED_KINDS}")
+    if self.out_stride32 not in _STRIDE32_KINDS:
+      raise ValueError(f"out_stride32 {self.out_stride32!r} is not one of {_STRIDE32_KINDS}")
+    if self.pretrain_img_size <= 0 or self.pretrain_img_size % self.total_stride:
+      raise ValueError(f"pretrain_img_size {self.pretrain_img_size} is not a positive multiple of "
+                       f"the total stride {self.total_stride}")
+    if len(self.global_blocks) < depth:
+      if not isinstance(self.window_size, int) or self.window_size < 1:
+        raise ValueError(f"window_size must be a positive number of tokens, got {self.window_size!r}")
+      grid = self.grid_sizes[2]
+      if not self.window_padding and grid % self.window_size:
+        raise ValueError(
+            f"img_size {self.img_size} gives a {grid}x{grid} stage-3 grid, which {self.window_size}"
+            f"x{self.window_size} windows do not tile (window_padding=False); nearest accepted "
+            f"img_size: {self._accepted_sizes_near(self.img_size)}, or set window_padding=True")
+    if self.out_stride32 == "conv_bn_gelu" and self.grid_sizes[2] < 3:
+      raise ValueError(f"img_size {self.img_size} gives a {self.grid_sizes[2]}-token grid, too small "
+                       f"for the unpadded 3x3 stride-2 conv; nearest accepted img_size: "
+                       f"[{3 * self.total_stride}]")
+    if self.layer_scale is not None and not float(self.layer_scale) > 0:
+      raise ValueError(f"layer_scale must be None or > 0, got {self.layer_scale}")
+    if not 0.0 <= self.drop_path_rate < 1.0:
+      raise ValueError(f"drop_path_rate {self.drop_path_rate} must lie in [0, 1)")
+
+
+# The three official backbone layouts (spec §5.1–§5.3), as config fields over a size. Block indices
+# are the official ones for the 11-block stage 3; indices past a smaller depth are dropped (set
+# global_blocks for other depths).
+BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
+    # detectron2 Mask R-CNN backbone of the ConvMAE repository (DET/models/convmae.py)
+    "det": dict(img_size=1024, global_blocks=(0, 3, 6, 10), window_size=16, window_padding=False,
+                rel_pos="shared_table", layer_scale=None, pos_embed="frozen",
+                out_stride32="maxpool", cblock_norm_eps=1e-5, drop_path_rate=0.1),
+    # mmsegmentation UperNet backbone (SEG/backbone/convmae.py): global everywhere
+    "seg": dict(img_size=512, global_blocks=tuple(range(11)), window_size=16, window_padding=False,
+                rel_pos="per_block_table", layer_scale=1.0, pos_embed="trainable",
+                out_stride32="conv_bn_gelu", cblock_norm_eps=1e-5, drop_path_rate=0.2),
+    # Official-ConvMAE-Det (ViTDet codebase, projects/ConvMAEDet/modeling/convmae.py)
+    "vitdet": dict(img_size=1024, global_blocks=(1, 4, 7, 10), window_size=14, window_padding=True,
+                   rel_pos="decomposed", layer_scale=None, pos_embed="interpolate",
+                   out_stride32="none", cblock_norm_eps=1e-6, drop_path_rate=0.1),
+}
+def backbone_defaults(preset: str, size: str) -> dict[str, Any]:
+  """Config fields of `convvit_{preset}_{size}` (preset fields over the size table)."""
+  out = dict(SIZES[size])
+  out.update(BACKBONE_PRESETS[preset])
+  depth = out["depths"][2]
+  out["global_blocks"] = tuple(i for i in out["global_blocks"] if i < depth)
+  if preset == "seg":
+    out["global_blocks"] = tuple(range(depth))
+  return out
+
+
 # Encoder sizes. Base is the only official size; the others follow the third-party/ConvMAE-v2
 # tables published with ConvMAE-v2 and third-party ports; tiny exists for tests and demos.
 SIZES: dict[str, dict[str, Any]] = {
@@ -189,8 +312,8 @@ def make_config(cls, defaults: dict[str, Any], overrides: dict[str, Any]):
   if unknown:
     raise TypeError(f"unknown {cls.__name__} field(s) {unknown}; accepted: {sorted(fields)}")
   kwargs = {**defaults, **overrides}
-  for name in ("patch_sizes", "embed_dims", "depths", "mlp_ratios"):
-    if name in kwargs:
+  for name in ("patch_sizes", "embed_dims", "depths", "mlp_ratios", "global_blocks"):
+    if name in kwargs and name in fields:
       kwargs[name] = tuple(kwargs[name])
   cfg = cls(**kwargs)
   cfg.validate()

@@ -8,10 +8,12 @@ in transformer blocks. Parameters are float32; `dtype` is the compute dtype of m
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from flax import nnx
 
@@ -278,14 +280,16 @@ class CBlock(nnx.Module):
   """
 
   def __init__(self, dim: int, mlp_ratio: float, *, drop_path: float = 0.0,
-               dwconv_impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
-    self.norm1 = LayerNorm(dim, 1e-5, dtype=dtype)
+               dwconv_impl: str = "auto", norm_eps: float = 1e-5, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    # norm_eps: 1e-5 in the pretraining/classification/segmentation code, 1e-6 in the ViTDet port.
+    self.norm1 = LayerNorm(dim, norm_eps, dtype=dtype)
     self.conv1 = Linear(dim, dim, kernel_init=torch_default(dim), bias_init=torch_default(dim),
                         dtype=dtype, rngs=rngs)
     self.attn = DepthwiseConv(dim, 5, impl=dwconv_impl, dtype=dtype, rngs=rngs)
     self.conv2 = Linear(dim, dim, kernel_init=torch_default(dim), bias_init=torch_default(dim),
                         dtype=dtype, rngs=rngs)
-    self.norm2 = LayerNorm(dim, 1e-5, dtype=dtype)
+    self.norm2 = LayerNorm(dim, norm_eps, dtype=dtype)
     self.mlp = ConvMlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
@@ -319,29 +323,119 @@ class CBlock(nnx.Module):
     return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def _relative_offsets(size: int) -> np.ndarray:
+  """(size, size) int32: q - k + size - 1, the row of a (2·size − 1)-entry table."""
+  r = np.arange(size)
+  return (r[:, None] - r[None, :] + size - 1).astype(np.int32)
+
+
+def table_bias(table: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """BEiT/Swin relative position bias of a (gh, gw) token grid → (heads, gh·gw, gh·gw).
+
+  table: ((2gh−1)·(2gw−1), heads); entry for query (y1, x1), key (y2, x2) is row
+  (y1−y2+gh−1)·(2gw−1) + (x1−x2+gw−1). Gathered as two small 1-D lookups instead of a
+  (L, L) index array (which at a 64×64 grid would be a 64 MiB constant).
+  """
+  gh, gw = grid
+  heads = table.shape[-1]
+  t = table.reshape(2 * gh - 1, 2 * gw - 1, heads)
+  b = jnp.take(t, _relative_offsets(gh), axis=0)            # (y1, y2, 2gw−1, heads)
+  b = jnp.take(b, _relative_offsets(gw), axis=2)            # (y1, y2, x1, x2, heads)
+  return b.transpose(4, 0, 2, 1, 3).reshape(heads, gh * gw, gh * gw)
+
+
+def decomposed_bias(scores: jax.Array, q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array,
+                    grid: tuple[int, int]) -> jax.Array:
+  """ViTDet's decomposed relative position: scores (B, heads, L, L) + q·R_h + q·R_w.
+
+  q (B, heads, L, hd) unscaled; rel_pos_h (2gh−1, hd), rel_pos_w (2gw−1, hd) (sizes equal to the
+  grid, so no table resampling); the row term is broadcast over key columns and the column term
+  over key rows, added in that order as the official code does.
+  """
+  gh, gw = grid
+  b, n, length, hd = q.shape
+  r_h = jnp.take(rel_pos_h, _relative_offsets(gh), axis=0).astype(q.dtype)   # (gh, kh, hd)
+  r_w = jnp.take(rel_pos_w, _relative_offsets(gw), axis=0).astype(q.dtype)   # (gw, kw, hd)
+  r_q = q.reshape(b, n, gh, gw, hd)
+  rel_h = jnp.einsum("bnhwc,hkc->bnhwk", r_q, r_h).astype(jnp.float32)
+  rel_w = jnp.einsum("bnhwc,wkc->bnhwk", r_q, r_w).astype(jnp.float32)
+  s = scores.reshape(b, n, gh, gw, gh, gw) + rel_h[..., :, None] + rel_w[..., None, :]
+  return s.reshape(b, n, length, length)
+
+
+@jax.custom_vjp
+def softmax_keep_output(x: jax.Array) -> jax.Array:
+  """jax.nn.softmax over the last axis (the same forward values), whose backward keeps only the
+  output: dx = y·(dy − Σ dy·y). Autodiff of jax.nn.softmax keeps exp(x − max) as well, a second
+  (…, L, L) tensor per attention layer (805 MB per global block at a 64×64 grid, 12 heads)."""
+  return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_fwd(x):
+  y = jax.nn.softmax(x, axis=-1)
+  return y, y
+
+
+def _softmax_bwd(y, g):
+  return (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
+
+
+softmax_keep_output.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection ([q|k|v], head-major channels).
 
   Written with explicit (B, heads, L, head_dim) matmuls; softmax in float32.
+
+  rel_pos: "none"; "table" (a BEiT-style per-block table `relative_position_bias_table`
+  ((2gh−1)(2gw−1), heads)); or "decomposed" (ViTDet's `rel_pos_h` (2gh−1, hd), `rel_pos_w`
+  (2gw−1, hd)). rel_pos_grid = (gh, gw), the token grid this attention sees (a window or the whole
+  map). Tables start at zero, as in the official backbones. lean_softmax: use
+  `softmax_keep_output` (same forward, half the saved attention activations).
   """
 
   def __init__(self, dim: int, num_heads: int, *, kernel_init: Initializer,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               rel_pos: str = "none", rel_pos_grid: tuple[int, int] | None = None,
+               lean_softmax: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
     if dim % num_heads:
       raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+    if rel_pos not in ("none", "table", "decomposed"):
+      raise ValueError(f"rel_pos {rel_pos!r} is not one of ('none', 'table', 'decomposed')")
     self.num_heads = num_heads
     self.scale = (dim // num_heads) ** -0.5
     self.qkv = Linear(dim, 3 * dim, kernel_init=kernel_init(dim, 3 * dim), dtype=dtype, rngs=rngs)
     self.proj = Linear(dim, dim, kernel_init=kernel_init(dim, dim), dtype=dtype, rngs=rngs)
     self.dtype = dtype
+    self.lean_softmax = lean_softmax
+    self.rel_pos = rel_pos
+    self.rel_pos_grid = None if rel_pos_grid is None else tuple(int(g) for g in rel_pos_grid)
+    if rel_pos != "none":
+      gh, gw = self.rel_pos_grid
+      if rel_pos == "table":
+        self.relative_position_bias_table = nnx.Param(
+            jnp.zeros(((2 * gh - 1) * (2 * gw - 1), num_heads), jnp.float32))
+      else:
+        hd = dim // num_heads
+        self.rel_pos_h = nnx.Param(jnp.zeros((2 * gh - 1, hd), jnp.float32))
+        self.rel_pos_w = nnx.Param(jnp.zeros((2 * gw - 1, hd), jnp.float32))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """x (B, L, D); bias broadcastable to (B, heads, L, L), added to the scaled scores."""
     b, length, d = x.shape
     h = self.num_heads
     qkv = self.qkv(x).reshape(b, length, 3, h, d // h).transpose(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
     scores = (q @ k.swapaxes(-1, -2)).astype(jnp.float32) * self.scale
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    if self.rel_pos == "table":
+      scores = scores + table_bias(self.relative_position_bias_table[...], self.rel_pos_grid)
+    elif self.rel_pos == "decomposed":
+      scores = decomposed_bias(scores, q, self.rel_pos_h[...], self.rel_pos_w[...],
+                               self.rel_pos_grid)
+    if bias is not None:
+      scores = scores + bias.astype(jnp.float32)
+    softmax = softmax_keep_output if self.lean_softmax else partial(jax.nn.softmax, axis=-1)
+    probs = softmax(scores).astype(self.dtype)
     out = (probs @ v).transpose(0, 2, 1, 3).reshape(b, length, d)
     return self.proj(out)
 
@@ -356,23 +450,79 @@ class Mlp(nnx.Module):
     return self.fc2(gelu(self.fc1(x)))
 
 
+def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:
+  """(B, H, W, D) → (B·nh·nw, window², D), zero-padding H and W up to multiples of `window`
+  (bottom and right, as ViTDet). Windows row-major, tokens row-major inside. Returns the padded
+  (H, W) too."""
+  b, h, w, d = x.shape
+  ph, pw = (-h) % window, (-w) % window
+  if ph or pw:
+    x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+  hp, wp = h + ph, w + pw
+  x = x.reshape(b, hp // window, window, wp // window, window, d).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, window * window, d), (hp, wp)
+
+
+def window_unpartition(x: jax.Array, window: int, padded: tuple[int, int],
+                       grid: tuple[int, int]) -> jax.Array:
+  """Inverse of `window_partition`, cropping the padding: → (B, H, W, D)."""
+  hp, wp = padded
+  d = x.shape[-1]
+  x = x.reshape(-1, hp // window, wp // window, window, window, d).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, hp, wp, d)[:, :grid[0], :grid[1]]
+
+
 class Block(nnx.Module):
   """Pre-norm transformer block (LayerNorm eps 1e-6) for stage 3 and the decoder.
 
   `kernel_init(fan_in, fan_out)` returns the Linear-weight initializer (xavier for pretraining,
   normal(0.02) for the classifier); biases start at zero.
+
+  Backbone options (all off by default): window_size > 0 makes the attention local to
+  non-overlapping window_size² windows of the token grid (padded with zero tokens after norm1 when
+  the grid does not divide, as ViTDet; padded tokens are keys like any other); layer_scale = the
+  initial value of per-channel gammas `gamma_1` / `gamma_2` on the two branches (BEiT);
+  rel_pos / rel_pos_grid / lean_softmax go to `Attention`.
   """
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *,
                kernel_init: Callable[[int, int], Initializer], drop_path: float = 0.0,
+               window_size: int = 0, layer_scale: float | None = None, rel_pos: str = "none",
+               rel_pos_grid: tuple[int, int] | None = None, lean_softmax: bool = False,
                dtype=jnp.float32, rngs: nnx.Rngs):
     self.norm1 = LayerNorm(dim, 1e-6, dtype=dtype)
-    self.attn = Attention(dim, num_heads, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, num_heads, kernel_init=kernel_init, rel_pos=rel_pos,
+                          rel_pos_grid=rel_pos_grid, lean_softmax=lean_softmax, dtype=dtype,
+                          rngs=rngs)
     self.norm2 = LayerNorm(dim, 1e-6, dtype=dtype)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), kernel_init=kernel_init, dtype=dtype, rngs=rngs)
     self.drop_path = DropPath(drop_path, rngs=rngs)
+    self.window_size = int(window_size)
+    self.layer_scale = layer_scale
+    if layer_scale is not None:
+      self.gamma_1 = nnx.Param(jnp.full((dim,), layer_scale, jnp.float32))
+      self.gamma_2 = nnx.Param(jnp.full((dim,), layer_scale, jnp.float32))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, grid: tuple[int, int] | None = None,
+               bias: jax.Array | None = None) -> jax.Array:
+    """x (B, L, D). grid (H, W) with H·W = L is needed by windowed blocks; bias (shared relative
+    position bias) is added to the attention scores, per window in a windowed block."""
     x = grad_barrier(x)
-    x = x + self.drop_path(self.attn(self.norm1(x)))
-    return x + self.drop_path(self.mlp(self.norm2(x)))
+    if self.window_size == 0 and self.layer_scale is None and bias is None:
+      x = x + self.drop_path(self.attn(self.norm1(x)))
+      return x + self.drop_path(self.mlp(self.norm2(x)))
+    y = self.norm1(x)
+    if self.window_size:
+      b, length, d = y.shape
+      win, padded = window_partition(y.reshape(b, grid[0], grid[1], d), self.window_size)
+      y = window_unpartition(self.attn(win, bias), self.window_size, padded, grid)
+      y = y.reshape(b, length, d)
+    else:
+      y = self.attn(y, bias)
+    if self.layer_scale is not None:
+      y = y * self.gamma_1[...].astype(y.dtype)
+    x = x + self.drop_path(y)
+    y = self.mlp(self.norm2(x))
+    if self.layer_scale is not None:
+      y = y * self.gamma_2[...].astype(y.dtype)
+    return x + self.drop_path(y)

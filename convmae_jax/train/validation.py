@@ -206,7 +206,7 @@ def validate_classification_config(config, *, num_devices: int | None = None,
   job = config.get("job", "pretrain")
   if job not in JOBS:
     raise ConfigError(f"config.job={job!r} is not accepted; use one of {list(JOBS)}.")
-  names = [n for n in models.names() if n.startswith("convvit_")]
+  names = [n for n in models.names() if models.family(n) == "convvit"]
   if config.model not in names:
     raise ConfigError(f"config.model={config.model!r} is not a classifier; accepted: {names} "
                       "(the fine-tuning, linear-probe and evaluation jobs use ConvViT).")
