@@ -16,7 +16,6 @@ during its first step (after building the model and, for JAX, compiling) (Linux 
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import hostinfo  # noqa: E402
 from convmae_jax import models  # noqa: E402
 from convmae_jax.interop import backbone as ib, torch_backbone  # noqa: E402
 
@@ -40,17 +40,6 @@ def _status_kib(field):
       if line.startswith(field + ":"):
         return int(line.split()[1])
   return 0
-
-
-def _cpu_model():
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def jax_step(name, args, build_abstract=False):
@@ -164,7 +153,7 @@ def main():
       _, compile_s, jax_peak, _ = jax_step(name, args, build_abstract=True)
       rec = {"job": args.preset, "model": name, "img_size": args.img, "batch": args.batch,
              "jax_dtype": args.dtype, "remat": args.remat, "backend": jax.default_backend(),
-             "cpu": _cpu_model(), "jax_compile_s": round(compile_s, 1),
+             "cpu": hostinfo.cpu_name(), "jax_compile_s": round(compile_s, 1),
              "jax_compiled_peak_bytes": jax_peak}
       if not args.no_torch:                      # the twin alone, from its own initialisation
         trun = torch_step(name, args)
@@ -202,7 +191,7 @@ def main():
     j_med, t_med = statistics.median(jt), statistics.median(tt)
     rec = {"job": args.preset, "model": name, "img_size": args.img, "batch": args.batch,
            "jax_dtype": args.dtype, "remat": args.remat, "backend": jax.default_backend(),
-           "device": str(jax.devices()[0].device_kind), "cpu": _cpu_model(),
+           "device": str(jax.devices()[0].device_kind), "cpu": hostinfo.cpu_name(),
            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "steps": args.steps, "jax_step_s": round(j_med, 3), "torch_step_s": round(t_med, 3),
            "jax_vs_torch_speed": round(t_med / j_med, 2), "jax_compile_s": round(compile_s, 1),

@@ -303,15 +303,8 @@ def run(config, workdir: str, *, on_log=None) -> TrainResult:
                     "job": job, "best_top1": best_top1, "bad_examples": window.bad_examples}
             core.save_train_state(ckpt_mgr, done, params, rest, opt_state, meta)
 
-          saved = done % config.checkpoint_every_steps == 0 or is_last
-          if saved:
-            save()
-          problem = window.bad_records_problem()
-          if problem is not None:            # too many undecodable records: stop with a checkpoint
-            if not saved:
-              save()
-            raise core.BadRecordsError(f"{problem} A checkpoint of step {done} is in "
-                                       f"{ckpt_mgr.directory}.")
+          core.checkpoint_step(window, ckpt_mgr, done, save,
+                               due=done % config.checkpoint_every_steps == 0 or is_last)
           if result.stopped_by is not None:
             break
     finally:

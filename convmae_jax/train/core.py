@@ -453,6 +453,19 @@ class BadRecordsError(RuntimeError):
 BAD_METRIC = "bad_examples"
 
 
+def checkpoint_step(window: "MetricsWindow", ckpt_mgr, step: int, save: Callable[[], None],
+                    due: bool) -> None:
+  """The loop's checkpoint point: ``save()`` when ``due``; then, if more than max_bad_fraction of
+  the examples read could not be decoded, saves (once) and raises BadRecordsError."""
+  if due:
+    save()
+  problem = window.bad_records_problem()
+  if problem is not None:            # too many undecodable records: stop with a checkpoint
+    if not due:
+      save()
+    raise BadRecordsError(f"{problem} A checkpoint of step {step} is in {ckpt_mgr.directory}.")
+
+
 class MetricsWindow:
   """Step metrics stay on the devices until a log step; then one progress line and one set of
   TensorBoard scalars: mean loss and grad norm of the window, lr, img/s (total and per device),
