@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every accelerator figure of BENCHMARKS.md in one command (about 8 minutes on one H100/H200):
+# Every accelerator figure of BENCHMARKS.md in one command (about 10 minutes on one H100/H200):
 #
 #   bash benchmarks/accelerator.sh [OUTDIR]        # default OUTDIR: ./bench_out
 #
@@ -11,6 +11,8 @@
 #   2. The same at batch 256 with remat off/on and complementary masks off/on (visible, lax).
 #   3. The scaling table (batch 64/128/256, 160/224/320 px, small/base/large).
 #   4. A jax.profiler trace of the default step (visible, auto) for TensorBoard / Perfetto.
+#   5. The detection (1024 px) and segmentation (512 px) Base backbones beside their twins, batch 1:
+#      float32, then bfloat16 with remat (what remat saves, which XLA:CPU does not show).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench_out}"
@@ -49,4 +51,9 @@ with jax.profiler.trace(sys.argv[1]):
   side.run(5)
 print("profile written to", sys.argv[1])
 EOF
+log "5. backbones"
+for extra in "" "--dtype bfloat16 --remat"; do
+  timeout 200 $PY benchmarks/backbone_step.py --jobs det:1024,seg:512 --size base --steps 5 \
+    --warmup 2 $extra >> "$OUT/backbone.jsonl" 2>> "$OUT/log.txt" || log "part 5 failed ($?)"
+done
 log "done"

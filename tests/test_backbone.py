@@ -281,6 +281,17 @@ def test_remat_and_bfloat16():
   assert abs(float(l0) - float(l1)) <= 1e-6 * abs(float(l0))
   assert max(float(jnp.max(jnp.abs(a - b)))
              for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1))) <= 1e-5
+  # What the backward pass keeps (the residuals the VJP closes over, beyond the parameters):
+  # with remat, every block of every stage keeps only its input.
+  kept = {}
+  for remat in (False, True):
+    m = models.create("convvit_vitdet_tiny", rngs=nnx.Rngs(0), remat=remat, **kw)
+    gd, params, rest = nnx.split(m, nnx.Param, ...)
+    f = lambda p: sum(jnp.sum(v) for v in nnx.merge(gd, p, rest).features(x).values())
+    vjp = jax.vjp(f, params)[1]
+    kept[remat] = (sum(a.nbytes for a in jax.tree.leaves(vjp))
+                   - sum(a.nbytes for a in jax.tree.leaves(params)))
+  assert 0 < kept[True] < 0.2 * kept[False], kept
   feats = {}
   for dtype in ("float32", "bfloat16"):
     m = models.create("convvit_vitdet_tiny", rngs=nnx.Rngs(0), dtype=dtype, **kw)

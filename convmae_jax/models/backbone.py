@@ -20,7 +20,7 @@ from flax import nnx
 
 from convmae_jax.models import layers
 from convmae_jax.models.config import BackboneConfig
-from convmae_jax.models.convvit import _normal_002, drop_path_rates
+from convmae_jax.models.convvit import _normal_002, conv_stages, drop_path_rates
 from convmae_jax.models.pos_embed import bicubic_resize_matrix, sincos_2d
 
 
@@ -187,15 +187,7 @@ class ConvViTBackbone(nnx.Module):
     (conv_bn_gelu)}."""
     self._check_inputs(images)
     cfg = self.config
-    x = self.patch_embed1(images.astype(cfg.jnp_dtype))
-    for blk in self.blocks1:
-      x = blk(x)
-    f4 = x
-    x = self.patch_embed2(x)
-    for blk in self.blocks2:
-      x = blk(x)
-    f8 = x
-    x = self.patch_embed3(x)
+    f4, f8, x = conv_stages(self, images, remat=cfg.remat)
     n, g, _, d = x.shape
     x = self.patch_embed4(x.reshape(n, g * g, d)) + self._pos_embed(g, x.dtype)
     shared = {}

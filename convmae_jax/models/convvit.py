@@ -21,6 +21,24 @@ def _normal_002(fan_in: int, fan_out: int):
   return layers.normal(0.02)  # timm's trunc_normal(0.02) truncates at ±2 absolute: a plain normal
 
 
+def conv_stages(model, images: jax.Array, remat: bool = False):
+  """Stages 1–2 and the stage-3 patch embedding of a ConvViT-layout module (`patch_embed1..3`,
+  `blocks1`, `blocks2`; the classifier and the backbones): (stride-4 map, stride-8 map,
+  stride-16 map (N, g, g, D) before `patch_embed4`). `remat`: recompute each conv block in the
+  backward pass (at 1024 px the stride-4 stage holds most of the activations)."""
+  run = (lambda blk, x: blk(x))
+  if remat:
+    run = nnx.remat(run)
+  x = model.patch_embed1(images.astype(model.config.jnp_dtype))
+  for blk in model.blocks1:
+    x = run(blk, x)
+  f4 = x
+  x = model.patch_embed2(x)
+  for blk in model.blocks2:
+    x = run(blk, x)
+  return f4, x, model.patch_embed3(x)
+
+
 def drop_path_rates(depths, rate: float) -> list[float]:
   """linspace(0, rate, sum(depths)) over all blocks in order (stage 1, 2, then 3)."""
   return [float(r) for r in np.linspace(0.0, rate, int(sum(depths)))]
@@ -104,15 +122,7 @@ class ConvViT(nnx.Module):
     segmentation backbones use it).
     """
     self._check_inputs(images)
-    x = self.patch_embed1(images.astype(self.config.jnp_dtype))
-    for blk in self.blocks1:
-      x = blk(x)
-    f4 = x
-    x = self.patch_embed2(x)
-    for blk in self.blocks2:
-      x = blk(x)
-    f8 = x
-    x = self.patch_embed3(x)
+    f4, f8, x = conv_stages(self, images)
     n, g, _, d = x.shape
     x = self.patch_embed4(x.reshape(n, g * g, d)) + self.pos_embed[...].astype(x.dtype)
     for blk in self.blocks3:
