@@ -270,27 +270,23 @@ def test_remat_and_bfloat16():
   """remat=True gives the same loss and gradients; bfloat16 compute stays near float32."""
   kw = dict(img_size=64, window_size=2, drop_path_rate=0.0)     # 4x4 grid, 2x2 windows
   x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 64, 64, 3)).astype(np.float32))
-  outs = {}
+  outs, kept = {}, {}
   for remat in (False, True):
     m = models.create("convvit_vitdet_tiny", rngs=nnx.Rngs(0), remat=remat, **kw)
     _randomize(m, 0)
     gd, params, rest = nnx.split(m, nnx.Param, ...)
     loss = lambda p, rest: jnp.sum(nnx.merge(gd, p, rest).features(x)["stride16"] ** 2)
     outs[remat] = jax.jit(jax.value_and_grad(loss))(params, rest)
-  (l0, g0), (l1, g1) = outs[False], outs[True]
-  assert abs(float(l0) - float(l1)) <= 1e-6 * abs(float(l0))
-  assert max(float(jnp.max(jnp.abs(a - b)))
-             for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1))) <= 1e-5
-  # What the backward pass keeps (the residuals the VJP closes over, beyond the parameters):
-  # with remat, every block of every stage keeps only its input.
-  kept = {}
-  for remat in (False, True):
-    m = models.create("convvit_vitdet_tiny", rngs=nnx.Rngs(0), remat=remat, **kw)
-    gd, params, rest = nnx.split(m, nnx.Param, ...)
+    # What the backward pass keeps (the residuals the VJP closes over, beyond the parameters):
+    # with remat, every block of every stage keeps only its input.
     f = lambda p: sum(jnp.sum(v) for v in nnx.merge(gd, p, rest).features(x).values())
     vjp = jax.vjp(f, params)[1]
     kept[remat] = (sum(a.nbytes for a in jax.tree.leaves(vjp))
                    - sum(a.nbytes for a in jax.tree.leaves(params)))
+  (l0, g0), (l1, g1) = outs[False], outs[True]
+  assert abs(float(l0) - float(l1)) <= 1e-6 * abs(float(l0))
+  assert max(float(jnp.max(jnp.abs(a - b)))
+             for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1))) <= 1e-5
   assert 0 < kept[True] < 0.2 * kept[False], kept
   feats = {}
   for dtype in ("float32", "bfloat16"):
