@@ -20,7 +20,7 @@ protection against load changes: run it on an otherwise idle machine.
 
 `--cpu_memory_scheduler`: XLA:CPU's default concurrency-optimized scheduler places work for
 parallelism, not memory; this switches it off (`--xla_cpu_enable_concurrency_optimized_scheduler=false`),
-which lowers the detection step's compiled peak at 1024 px from 19.0 to 13.1 GB. No effect off CPU.
+which lowers the detection step's compiled peak at 1024 px from 19.0 to 13.8 GB. No effect off CPU.
 """
 
 import argparse
@@ -58,7 +58,7 @@ def _status_kib(field):
 
 def jax_step(name, args, build_abstract=False):
   make = lambda: models.create(name, rngs=nnx.Rngs(0), img_size=args.img, drop_path_rate=0.0,
-                               dtype=args.dtype, remat=args.remat)
+                               dtype=args.dtype, remat=args.remat, dwconv_impl=args.dwconv_impl)
   model = nnx.eval_shape(make) if build_abstract else make()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -116,7 +116,8 @@ def child(side, name, args, timed=False):
   """Runs `run_child` in a fresh process; its JSON record, or None (its stderr is printed)."""
   cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--jobs",
          f"{args.preset}:{args.img}", "--size", args.size, "--batch", str(args.batch),
-         "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+         "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
+         "--dwconv_impl", args.dwconv_impl]
   cmd += ["--remat"] * args.remat + ["--cpu_memory_scheduler"] * args.cpu_memory_scheduler
   cmd += ["--separate"] * timed
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -162,6 +163,13 @@ def run_child(side, name, args):
   print(json.dumps(rec))
 
 
+def _record(name, args, **fields):
+  """A JSON record: what was run, on what, then `fields`."""
+  return {"job": args.preset, "model": name, "img_size": args.img, "batch": args.batch,
+          "jax_dtype": args.dtype, "remat": args.remat, "dwconv_impl": args.dwconv_impl,
+          "backend": jax.default_backend(), "cpu": hostinfo.cpu_name(), **fields}
+
+
 def separate_record(name, args):
   """--separate: JAX's child, then the twin's, one after the other."""
   j = child("jax", name, args, timed=True)
@@ -169,17 +177,14 @@ def separate_record(name, args):
   if j is None or t is None:
     raise SystemExit(f"a child process failed (jax: {j is not None}, torch: {t is not None})")
   j_med, t_med = statistics.median(j["step_s"]), statistics.median(t["step_s"])
-  return {"job": args.preset, "model": name, "img_size": args.img, "batch": args.batch,
-          "jax_dtype": args.dtype, "remat": args.remat, "backend": jax.default_backend(),
-          "mode": "separate", "cpu_memory_scheduler": args.cpu_memory_scheduler,
-          "cpu": hostinfo.cpu_name(), "torch": torch.__version__,
-          "torch_threads": torch.get_num_threads(), "steps": args.steps,
-          "jax_step_s": round(j_med, 3), "torch_step_s": round(t_med, 3),
-          "jax_vs_torch_speed": round(t_med / j_med, 2), "jax_compile_s": round(j["compile_s"], 1),
-          "jax_loss": round(j["loss"], 6), "torch_loss": round(t["loss"], 6),
-          "jax_compiled_peak_bytes": j["compiled_peak_bytes"],
-          "jax_step_peak_rss_bytes": j["peak_rss_step_bytes"],
-          "torch_step_peak_rss_bytes": t["peak_rss_step_bytes"]}
+  return _record(name, args, mode="separate", cpu_memory_scheduler=args.cpu_memory_scheduler,
+                 torch=torch.__version__, torch_threads=torch.get_num_threads(), steps=args.steps,
+                 jax_step_s=round(j_med, 3), torch_step_s=round(t_med, 3),
+                 jax_vs_torch_speed=round(t_med / j_med, 2), jax_compile_s=round(j["compile_s"], 1),
+                 jax_loss=round(j["loss"], 6), torch_loss=round(t["loss"], 6),
+                 jax_compiled_peak_bytes=j["compiled_peak_bytes"],
+                 jax_step_peak_rss_bytes=j["peak_rss_step_bytes"],
+                 torch_step_peak_rss_bytes=t["peak_rss_step_bytes"])
 
 
 def main():
@@ -191,6 +196,8 @@ def main():
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--remat", action="store_true")
+  ap.add_argument("--dwconv_impl", default="auto", choices=("auto", "shift", "lax"),
+                  help="JAX's depthwise convolution (auto: shift on CPU, lax elsewhere)")
   ap.add_argument("--memory", default="auto", choices=("auto", "off"),
                   help="auto: child-process peak RSS on CPU, max_memory_allocated on CUDA")
   ap.add_argument("--compile_only", action="store_true",
@@ -215,10 +222,8 @@ def main():
       return
     if args.compile_only:
       _, compile_s, jax_peak, _ = jax_step(name, args, build_abstract=True)
-      rec = {"job": args.preset, "model": name, "img_size": args.img, "batch": args.batch,
-             "jax_dtype": args.dtype, "remat": args.remat, "backend": jax.default_backend(),
-             "cpu": hostinfo.cpu_name(), "jax_compile_s": round(compile_s, 1),
-             "jax_compiled_peak_bytes": jax_peak}
+      rec = _record(name, args, cpu_memory_scheduler=args.cpu_memory_scheduler,
+                    jax_compile_s=round(compile_s, 1), jax_compiled_peak_bytes=jax_peak)
       if not args.no_torch:                      # the twin alone, from its own initialisation
         trun = torch_step(name, args)
         trun()
@@ -256,14 +261,12 @@ def main():
         jt.append(t1 - t0)
         tt.append(t2 - t1)
     j_med, t_med = statistics.median(jt), statistics.median(tt)
-    rec = {"job": args.preset, "model": name, "img_size": args.img, "batch": args.batch,
-           "jax_dtype": args.dtype, "remat": args.remat, "backend": jax.default_backend(),
-           "device": str(jax.devices()[0].device_kind), "cpu": hostinfo.cpu_name(),
-           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-           "steps": args.steps, "jax_step_s": round(j_med, 3), "torch_step_s": round(t_med, 3),
-           "jax_vs_torch_speed": round(t_med / j_med, 2), "jax_compile_s": round(compile_s, 1),
-           "jax_loss": round(jl, 6), "torch_loss": round(tl, 6),
-           "jax_compiled_peak_bytes": jax_peak}
+    rec = _record(name, args, device=str(jax.devices()[0].device_kind))
+    rec.update({"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                "steps": args.steps, "jax_step_s": round(j_med, 3), "torch_step_s": round(t_med, 3),
+                "jax_vs_torch_speed": round(t_med / j_med, 2), "jax_compile_s": round(compile_s, 1),
+                "jax_loss": round(jl, 6), "torch_loss": round(tl, 6),
+                "jax_compiled_peak_bytes": jax_peak})
     if args.device == "cuda":
       rec["torch_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
     elif args.memory == "auto":
