@@ -88,8 +88,8 @@ def check_command_line(argv: list[str]) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from convmae_jax.train import core  # pylint: disable=import-outside-toplevel
-  core.quiet_library_logs()
+  from convmae_jax.train import logs  # pylint: disable=import-outside-toplevel
+  logs.quiet_library_logs()
   import jax  # pylint: disable=import-outside-toplevel
   if _is_multihost(FLAGS.config):
     # Cloud TPU, SLURM and Open MPI are detected by JAX; elsewhere set JAX_COORDINATOR_ADDRESS
@@ -113,11 +113,11 @@ def main(argv):
     # A bad config value or missing data: found before any compute; the message says what to do.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  except core.NonFiniteLossError as e:
+  except train.NonFiniteLossError as e:
     # The message names the step and the last (finite) checkpoint to resume from.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
-  except core.BadRecordsError as e:
+  except train.BadRecordsError as e:
     # Too many undecodable records: the message names some and the checkpoint written at the stop.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(4)

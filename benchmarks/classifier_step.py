@@ -3,7 +3,7 @@
     python benchmarks/classifier_step.py --model convvit_base --img_size 224 --batch 8 --steps 5
 
 Fine-tuning step: forward + backward + AdamW with layer-wise lr decay, drop path 0.1, soft-target
-cross entropy on mixup-style soft targets (the JAX step is `core.build_train_step`, as the trainer
+cross entropy on mixup-style soft targets (the JAX step is `train.step.build_train_step`, as the trainer
 runs it). Linear-probe step: the frozen encoder forward (no backward through it) + BatchNorm + head +
 LARS. The two sides alternate A B A B and the medians are compared. Prints one JSON line per job
 with each side's median step time, images/s and the JAX/PyTorch speed ratio.
@@ -27,8 +27,8 @@ from flax import nnx  # noqa: E402
 
 from benchmarks import hostinfo  # noqa: E402
 from convmae_jax import interop, models  # noqa: E402
-from convmae_jax.train import core, losses, optim, sharding as sharding_lib  # noqa: E402
-from convmae_jax.train.classification import _trainable_filter  # noqa: E402
+from convmae_jax.train import losses, optim, sharding as sharding_lib, step as step_lib  # noqa: E402
+from convmae_jax.train.jobs.classify import trainable_filter  # noqa: E402
 
 
 def jax_step(job, args):
@@ -37,7 +37,7 @@ def jax_step(job, args):
                         drop_path_rate=0.1 if job == "finetune" else 0.0,
                         global_pool=job == "finetune", head_batchnorm=job == "linprobe",
                         dtype=args.dtype)
-  trainable = _trainable_filter(job)
+  trainable = trainable_filter(job)
   graphdef, params, rest = nnx.split(model, trainable, ...)
   cfg = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, weight_decay=0.05, layer_decay=0.65,
                                        momentum=0.9))
@@ -48,12 +48,12 @@ def jax_step(job, args):
     cfg.weight_decay = 0.0
     tx = optim.make_lars_optimizer(cfg, schedule, params)
   mesh = sharding_lib.make_mesh(-1, 1)
-  sh = core.state_shardings(mesh, params, rest, tx)
+  sh = sharding_lib.state_shardings(mesh, params, rest, tx)
 
   def loss_fn(m, batch):
     return jnp.mean(losses.soft_target_cross_entropy(m(batch["image"]), batch["target"])), {}
 
-  step = core.build_train_step(graphdef=graphdef, param_filter=trainable, loss_fn=loss_fn, tx=tx,
+  step = step_lib.build_train_step(graphdef=graphdef, param_filter=trainable, loss_fn=loss_fn, tx=tx,
                                schedule=schedule, shardings=sh, batch_size=args.batch, seed=0,
                                batch_keys=("image", "target"))
   return step, params, tx.init(params), rest

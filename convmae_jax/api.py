@@ -17,7 +17,6 @@ read a ``.pth`` file.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
@@ -27,21 +26,6 @@ _FILE_SUFFIXES = (".pth", ".pt", ".safetensors")
 # Config fields a file's own metadata may not override: they decide the weights' shapes.
 _RUNTIME_FIELDS = ("dtype", "mask_ratio", "norm_pix_loss", "drop_path_rate", "conv_impl",
                    "dwconv_impl")
-
-
-def safetensors_model_fields(path: str | os.PathLike) -> tuple[str | None, dict[str, Any]]:
-  """(model name, model kwargs) stored in a ``.safetensors`` file written by our export, else
-  (None, {})."""
-  from safetensors import safe_open
-
-  with safe_open(os.fspath(path), framework="np") as f:
-    meta = f.metadata() or {}
-  name = meta.get("model_name") or None
-  try:
-    kwargs = json.loads(meta.get("model_kwargs") or "{}")
-  except json.JSONDecodeError:
-    kwargs = {}
-  return (name if name and name != "None" else None), dict(kwargs)
 
 
 def load(path: str | os.PathLike, *, step: int | None = None, model: str | None = None,
@@ -62,26 +46,25 @@ def load(path: str | os.PathLike, *, step: int | None = None, model: str | None 
   from flax import nnx
 
   from convmae_jax import checkpoints, models
-  from convmae_jax.interop import convert
-  from convmae_jax.interop import __main__ as cli
+  from convmae_jax.interop import convert, files
 
   path = os.fspath(path)
   if path.lower().endswith(_FILE_SUFFIXES):
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: no such file")
     try:
-      sd = cli.read_torch_file(path)
-    except cli.CLIError as e:
+      sd = files.read_torch_file(path)
+    except files.InteropError as e:
       raise ValueError(str(e)) from None
     name, kwargs = None, {}
     if path.lower().endswith(".safetensors"):
-      name, kwargs = safetensors_model_fields(path)
+      name, kwargs = files.safetensors_model_fields(path)
     if model:
       name = model
     if name is None:
       try:
-        name, kwargs = cli.infer_model(sd)
-      except cli.CLIError as e:
+        name, kwargs = files.infer_model(sd)
+      except files.InteropError as e:
         raise ValueError(f"{path}: {e}") from None
     kwargs = {**kwargs, **overrides}
     net = models.create(name, rngs=nnx.Rngs(seed), **kwargs)

@@ -32,19 +32,19 @@ def read_state_dict(source: str | os.PathLike, *, step: int | None = None) -> tu
   and ValueError when it cannot be read (both name the source).
   """
   from convmae_jax.interop import convert
-  from convmae_jax.interop import __main__ as cli
+  from convmae_jax.interop import files
 
   path = os.fspath(source)
   if path.lower().endswith(FILE_SUFFIXES):
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: no such file (expected a .pth, .pt or .safetensors file)")
     try:
-      return cli.read_torch_file(path), {"source": os.path.abspath(path)}
-    except cli.CLIError as e:
+      return files.read_torch_file(path), {"source": os.path.abspath(path)}
+    except files.InteropError as e:
       raise ValueError(str(e)) from None
   try:
-    model, meta = cli._model_from_checkpoint(path, step)  # abstract model with the saved params
-  except cli.CLIError as e:
+    model, meta = files.model_from_checkpoint(path, step)  # abstract model with the saved params
+  except files.InteropError as e:
     msg = str(e)
     raise (FileNotFoundError if "No checkpoint" in msg else ValueError)(msg) from None
   return convert.to_torch_state_dict(model), dict(meta)

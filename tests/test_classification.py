@@ -19,7 +19,7 @@ from convmae_jax import checkpoints, models
 from convmae_jax.configs import finetune as finetune_config
 from convmae_jax.configs import linprobe as linprobe_config
 from convmae_jax.data import classification as cls_data
-from convmae_jax.train import ConfigError, core, sharding as sharding_lib, trainer
+from convmae_jax.train import ConfigError, sharding as sharding_lib, step as step_lib, trainer
 
 DIGITS = "convmae_demo_digits"
 NUM_TEST = 360
@@ -97,7 +97,7 @@ def test_drop_path_masks_change_per_step_and_repeat_on_resume():
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   mesh = sharding_lib.make_mesh(-1, 1)
   tx = __import__("optax").sgd(0.0)                   # lr 0: only drop path changes the outputs
-  sh = core.state_shardings(mesh, params, rest, tx)
+  sh = sharding_lib.state_shardings(mesh, params, rest, tx)
   images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
 
   def loss_fn(m, batch):
@@ -105,7 +105,7 @@ def test_drop_path_masks_change_per_step_and_repeat_on_resume():
     return jnp.mean(out), {"probe": jnp.sum(out * jnp.arange(out.size).reshape(out.shape))}
 
   def make_step():
-    return core.build_train_step(graphdef=graphdef, param_filter=nnx.Param, loss_fn=loss_fn, tx=tx,
+    return step_lib.build_train_step(graphdef=graphdef, param_filter=nnx.Param, loss_fn=loss_fn, tx=tx,
                                  schedule=lambda s: 0.0, shardings=sh, batch_size=4, seed=0)
 
   def probes(steps):

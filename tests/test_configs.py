@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from convmae_jax import configs, models
-from convmae_jax.train import optim, trainer, validation
+from convmae_jax.train import optim, schedule, trainer, validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,10 +118,10 @@ def test_mesh_errors():
 def test_lr_schedule_matches_closed_form():
   c = load_config("pretrain")
   n_examples = 1_281_167
-  total, warmup, spe = trainer.schedule_lengths(c, n_examples)
+  total, warmup, spe = schedule.schedule_lengths(c, n_examples)
   assert spe == pytest.approx(n_examples / 3072)
   assert total == math.ceil(1600 * spe) and warmup == pytest.approx(40 * spe)
-  schedule = trainer.make_schedule(c, total, warmup)
+  lr = schedule.make_schedule(c, total, warmup)
   peak = 1.5e-4 * 3072 / 256
   assert peak == pytest.approx(1.8e-3)
 
@@ -132,14 +132,14 @@ def test_lr_schedule_matches_closed_form():
     return peak * 0.5 * (1 + math.cos(math.pi * (epoch - 40) / (1600 - 40)))
 
   steps = [0, 1, 1000, int(warmup), int(warmup) + 1, 100_000, 400_000, total - 1, total]
-  got = np.array([float(schedule(s)) for s in steps])
+  got = np.array([float(lr(s)) for s in steps])
   want = np.array([closed_form(s) for s in steps])
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-12)
-  assert float(schedule(0)) == 0.0
-  assert float(schedule(warmup)) == pytest.approx(peak, rel=1e-6)      # peak at warmup end
+  assert float(lr(0)) == 0.0
+  assert float(lr(warmup)) == pytest.approx(peak, rel=1e-6)      # peak at warmup end
   mid = warmup + (total - warmup) / 2
-  assert float(schedule(mid)) == pytest.approx(peak / 2, rel=1e-4)     # half-cosine midpoint
-  assert float(schedule(total)) == pytest.approx(0.0, abs=1e-12)
+  assert float(lr(mid)) == pytest.approx(peak / 2, rel=1e-4)     # half-cosine midpoint
+  assert float(lr(total)) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_weight_decay_set_is_the_official_one():

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 import faulty_photos
 from convmae_jax import checkpoints, configs, data
-from convmae_jax.train import ConfigError, core, input_pipeline, trainer, validation
+from convmae_jax.train import ConfigError, input_pipeline, trainer, validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -21,7 +21,8 @@ from flax import nnx  # noqa: E402
 
 from convmae_jax import checkpoints, interop, models  # noqa: E402
 from convmae_jax.interop import torch_reference  # noqa: E402
-from convmae_jax.interop.__main__ import infer_model, main as cli_main  # noqa: E402
+from convmae_jax.interop.__main__ import main as cli_main  # noqa: E402
+from convmae_jax.interop.files import infer_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_RTOL = 1e-5

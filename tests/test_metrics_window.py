@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from convmae_jax.train import core
+from convmae_jax.train import metrics as metrics_lib
 
 
 class FakeClock:
@@ -29,9 +29,9 @@ def metrics(loss):
 
 def test_input_wait_is_the_share_of_the_window_spent_waiting_for_batches(monkeypatch, capsys):
   clock = FakeClock()
-  monkeypatch.setattr(core.time, "perf_counter", clock)
+  monkeypatch.setattr(metrics_lib.time, "perf_counter", clock)
   writer = Writer()
-  window = core.MetricsWindow(writer=writer, total_steps=10, batch_size=8, start_step=0)
+  window = metrics_lib.MetricsWindow(writer=writer, total_steps=10, batch_size=8, start_step=0)
 
   def batches(wait_per_batch):
     while True:

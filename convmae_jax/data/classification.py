@@ -63,7 +63,7 @@ def _single_draw_crop_box(height, width, seed, scale, ratio):
   """The linear probe's RandomResizedCrop (TF/BYOL style, official util/crop.py): one draw of area
   and log-uniform aspect, w = round(sqrt(area*r)), h = round(sqrt(area/r)), clipped to the image,
   uniform offset."""
-  tf = pipeline._tf()
+  tf = pipeline._tf()  # noqa: F841 - the nested transforms use it
   h = tf.cast(height, tf.float32)
   w = tf.cast(width, tf.float32)
   s_area, s_off = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -81,13 +81,13 @@ def _single_draw_crop_box(height, width, seed, scale, ratio):
 
 def _resize_uint8(crop, size_hw):
   """Bicubic antialiased resize with uint8 rounding (like PIL); float32 values in [0, 255]."""
-  tf = pipeline._tf()
+  tf = pipeline._tf()  # noqa: F841 - the nested transforms use it
   x = tf.image.resize(crop, size_hw, method="bicubic", antialias=True)
   return tf.round(tf.clip_by_value(x, 0.0, 255.0))
 
 
 def _normalize(x):
-  tf = pipeline._tf()
+  tf = pipeline._tf()  # noqa: F841 - the nested transforms use it
   return tf.cast((x / 255.0 - IMAGENET_MEAN) / IMAGENET_STD, tf.float32)
 
 
@@ -95,7 +95,7 @@ def eval_transform(image_bytes, image_size: int, crop_pct: float = DEFAULT_CROP_
   """Resize(short side int(image_size / crop_pct), bicubic) -> CenterCrop(image_size) -> mean/std,
   as torchvision does it: the long side becomes int(resize * long / short), the crop offset
   round((side - image_size) / 2)."""
-  tf = pipeline._tf()
+  tf = pipeline._tf()  # noqa: F841 - the nested transforms use it
   resize = int(image_size / crop_pct)
   img = tf.io.decode_image(image_bytes, channels=3, expand_animations=False, dtype=tf.uint8)
   img = tf.ensure_shape(img, [None, None, 3])
@@ -115,7 +115,7 @@ def train_transform(image_bytes, key, *, image_size: int, recipe: str, scale, ra
                     rand_augment: augment_lib.RandAugmentConfig | None, reprob: float,
                     hflip: bool = True):
   """One training example of ``recipe`` from its encoded bytes and its stateless key."""
-  tf = pipeline._tf()
+  tf = pipeline._tf()  # noqa: F841 - the nested transforms use it
   k_crop, k_flip, k_ra, k_erase = tf.unstack(tf.random.experimental.stateless_split(key, 4))
   if recipe == "finetune":
     box = lambda h, w: pipeline._random_resized_crop_box(h, w, k_crop, scale, ratio)
@@ -182,7 +182,7 @@ def create_train_dataset(
 
   builder, _ = label_info(dataset_name, split=split, data_dir=data_dir)
   image_key = pipeline._image_key(builder, dataset_name)
-  tf = pipeline._tf()
+  tf = pipeline._tf()  # noqa: F841 - the nested transforms use it
   stream, n = pipeline.example_stream(
       builder, dataset_name, split, image_key=image_key, label_key="label", seed=seed,
       process_index=process_index, process_count=process_count, local_batch=local_batch,
@@ -254,7 +254,7 @@ def create_eval_dataset(
     raise ValueError(f"crop_pct={crop_pct!r} is not valid: expected a fraction in (0, 1]")
   builder, _ = label_info(dataset_name, split=split, data_dir=data_dir)
   image_key = pipeline._image_key(builder, dataset_name)
-  tf = pipeline._tf()
+  tf = pipeline._tf()  # noqa: F841 - the nested transforms use it
 
   total = pipeline._cardinality(pipeline._read_encoded(builder, split, image_key))
   if num_examples is not None and 0 < num_examples < total:

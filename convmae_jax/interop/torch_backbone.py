@@ -15,7 +15,6 @@ The conv stages reuse `torch_reference`'s PatchEmbed and CBlock. This module imp
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np

@@ -9,6 +9,7 @@ replicated.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -114,3 +115,24 @@ def local_batch_size(global_batch_size: int) -> int:
 def to_global_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """Assembles the globally sharded batch from this process's rows."""
   return jax.make_array_from_process_local_data(sharding, local)
+
+
+@dataclasses.dataclass
+class StateShardings:
+  """Shardings of a split model (params / rest), its optimizer state, the batch and scalars."""
+  mesh: jax.sharding.Mesh
+  params: Any
+  rest: Any
+  opt_state: Any
+  batch: jax.sharding.NamedSharding
+  replicated: jax.sharding.NamedSharding
+
+
+def state_shardings(mesh, abstract_params, abstract_rest, tx) -> StateShardings:
+  """Parameters by ``param_shardings``, their optimizer state alike, the rest replicated."""
+  param_sh = param_shardings(abstract_params, mesh)
+  return StateShardings(
+      mesh=mesh, params=param_sh,
+      rest=replicated_shardings(abstract_rest, mesh),
+      opt_state=opt_state_shardings(tx, abstract_params, param_sh, mesh),
+      batch=batch_sharding(mesh), replicated=replicated(mesh))

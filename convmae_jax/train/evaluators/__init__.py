@@ -1,0 +1,8 @@
+"""Ways of judging a model while it trains, each behind the loop's small ``Evaluator`` interface
+(``loop.Evaluator``): built by a job from its config, called by the loop at its own period, writing
+its own scalars and outputs.
+
+* ``classification.TopKEvaluator`` -- top-1 / top-5 / loss on a labelled split, best checkpoint kept;
+* ``reconstruction.ReconstructionFigure`` -- original | masked | reconstruction grids of fixed
+  held-out images.
+"""
