@@ -27,14 +27,11 @@ NUM_TEST = 360
 
 @pytest.fixture(scope="module", autouse=True)
 def env(tmp_path_factory):
-  """One TFDS data_dir and one XLA compilation cache for the module."""
-  old_cache = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  """One TFDS data_dir for the module."""
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   old_env = os.environ.get("TFDS_DATA_DIR")
   os.environ["TFDS_DATA_DIR"] = data_dir
   yield data_dir
-  jax.config.update("jax_compilation_cache_dir", old_cache)
   if old_env is None:
     os.environ.pop("TFDS_DATA_DIR", None)
   else:

@@ -20,16 +20,6 @@ from convmae_jax.train import ConfigError, input_pipeline, trainer, validation
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The runs here compile the same tiny init and step again and again; XLA:CPU compiles are the
-  slow part."""
-  old = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  yield
-  jax.config.update("jax_compilation_cache_dir", old)
-
-
 def make_config(**overrides):
   c = configs.get_config("pretrain", "tiny")
   base = dict(dataset="imagenet2012", eval_split="validation", image_size=32, batch_size=8,

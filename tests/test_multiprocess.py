@@ -34,6 +34,16 @@ _WORKER = textwrap.dedent("""
 """)
 
 
+def _env() -> dict:
+  """Two processes of 4 CPU devices each, compiling their programs themselves: with the session's
+  compilation cache one process could load a program the other still compiles, and this file
+  checks peers that run in step."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  return env
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -42,8 +52,7 @@ def _free_port() -> int:
 
 def test_two_processes_train_one_model(tmp_path):
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  env = _env()
   procs = []
   for pid in range(2):
     code = _WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"), port=port, pid=pid,
@@ -104,8 +113,7 @@ def test_a_lost_peer_ends_the_survivor_within_the_bound_naming_it(tmp_path, lost
   leader task died; the watchdog's bound is then only the backstop.
   """
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  env = _env()
   procs = [subprocess.Popen(
       [sys.executable, "-c", _LONG_WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
                                                  port=port, pid=pid, workdir=str(tmp_path),
@@ -126,7 +134,7 @@ def test_a_lost_peer_ends_the_survivor_within_the_bound_naming_it(tmp_path, lost
     for p in procs:
       if p.poll() is None:
         p.kill()
-  assert victim.wait() == -signal.SIGKILL
+  assert victim.wait() == -signal.SIGKILL, (victim.stderr.read()[-3000:], err[-3000:])
   print(f"survivor exited {waited:.1f} s after the kill (bound {BOUND_S} s), status "
         f"{survivor.returncode}")
   assert waited <= BOUND_S + SLACK_S, waited

@@ -22,13 +22,6 @@ from convmae_jax.train import trainer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Runs here compile the same init and step several times; XLA:CPU compiles are the slow part."""
-  old = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  yield
-  jax.config.update("jax_compilation_cache_dir", old)
 NUM_STEPS = 4
 MOCK_EXAMPLES = 16
 

@@ -35,6 +35,8 @@ from typing import Callable
 
 import jax
 
+from convmae_jax.train.errors import BadRecordsError, ConfigError, NonFiniteLossError
+
 EXIT_STATUS = 5
 _PREFIX = "convmae/heartbeat/"
 _DONE = "done"
@@ -153,10 +155,7 @@ class PeerWatchdog:
 def _is_clean_stop(exc) -> bool:
   """Errors every process raises at the same step (a config refusal, a non-finite loss, too many
   bad records): no reason to wait for a verdict on the peers."""
-  from convmae_jax.train import core  # pylint: disable=import-outside-toplevel
-  from convmae_jax.train.errors import ConfigError  # pylint: disable=import-outside-toplevel
-  return isinstance(exc, (ConfigError, core.NonFiniteLossError, core.BadRecordsError,
-                          KeyboardInterrupt))
+  return isinstance(exc, (ConfigError, NonFiniteLossError, BadRecordsError, KeyboardInterrupt))
 
 
 def jax_heartbeat_timeout(peer_timeout_s: float) -> int:
