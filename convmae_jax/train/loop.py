@@ -92,7 +92,6 @@ class Job:
   """What a training job tells the loop. ``__init__`` checks the config (no compute); the hooks
   are called by ``run`` in the order they are listed."""
 
-  name = "train"
   trainable: Any = nnx.Param                 # nnx filter of the parameters that train
   batch_keys: tuple[str, ...] = ("image",)   # batch features the step reads
 

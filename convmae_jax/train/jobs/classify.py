@@ -101,7 +101,6 @@ class Classify(Job):
       raise ConfigError(f"config.job={config.job!r} is not a classification training job; "
                         "accepted: 'finetune', 'linprobe'.")
     super().__init__(config, plan)
-    self.name = config.job
     self.trainable = trainable_filter(config.job)
     self.init_from = ""
     self.init_sd = None

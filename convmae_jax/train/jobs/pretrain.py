@@ -22,7 +22,6 @@ from convmae_jax.train.rng import MASKING_STREAM, stream_key
 class Pretrain(Job):
   """``config.job = "pretrain"`` (configs/pretrain.py, configs/demo.py)."""
 
-  name = "pretrain"
   batch_keys = ("image",)
 
   def __init__(self, config):
