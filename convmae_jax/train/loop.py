@@ -60,8 +60,7 @@ class Setup:
   workdir: epath.Path
   writer: Any                       # clu metric writer (process 0; the others write nothing)
   shardings: sharding_lib.StateShardings
-  graphdef: Any                     # the model in training mode, split by ``job.trainable``
-  graphdef_eval: Any                # the same in eval mode (no drop path, BatchNorm statistics)
+  graphdef_eval: Any                # the model in eval mode (no drop path), split by ``job.trainable``
   abstract_model: nnx.Module        # shapes only (nnx.eval_shape)
   total_steps: int
   end_step: int                     # where this invocation stops (<= total_steps)
@@ -172,9 +171,8 @@ def run(job: Job, workdir: str, *, on_log=None) -> TrainResult:
                "peak lr %.3g.", total_steps, total_steps / steps_per_epoch if n_examples else float("nan"),
                n_examples, config.batch_size, warmup_steps,
                optim.peak_learning_rate(config.blr, config.batch_size))
-  setup = Setup(workdir=workdir_path, writer=writer, shardings=sh, graphdef=graphdef,
-                graphdef_eval=graphdef_eval, abstract_model=abstract_model,
-                total_steps=total_steps, end_step=end_step)
+  setup = Setup(workdir=workdir_path, writer=writer, shardings=sh, graphdef_eval=graphdef_eval,
+                abstract_model=abstract_model, total_steps=total_steps, end_step=end_step)
 
   # ===================================== Evaluators ============================================
   # Their data is read now, so a bad split stops the run before any compute.
