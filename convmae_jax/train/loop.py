@@ -203,6 +203,7 @@ def run(job: Job, workdir: str, *, on_log=None) -> TrainResult:
     step_keys = job.batch_keys + (data.BAD_KEY,)
     train_step = build_train_step(
         graphdef=graphdef, param_filter=job.trainable, loss_fn=job.loss, tx=tx, schedule=schedule,
+        make_tx=lambda lr_fn: job.make_optimizer(lr_fn, abstract_params),
         shardings=sh, batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps,
         remat=config.get("remat", False), seed=config.seed,
         skip_nonfinite=config.get("nonfinite", "stop") == "skip", batch_keys=step_keys,

@@ -12,11 +12,13 @@ decayed. Frozen position embeddings are not ``nnx.Param`` and never reach the op
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -25,26 +27,48 @@ def peak_learning_rate(blr: float, global_batch_size: int) -> float:
   return blr * global_batch_size / 256.0
 
 
-def warmup_cosine_schedule(*, peak_lr: float, warmup_steps: float, total_steps: int,
-                           min_lr: float = 0.0) -> Callable[[Any], jax.Array]:
+@dataclasses.dataclass(frozen=True)
+class WarmupCosine:
   """lr(step): ``peak*step/warmup`` for step < warmup (0 at step 0), then
   ``min_lr + (peak - min_lr) * 0.5 * (1 + cos(pi * (step - warmup) / (total - warmup)))``.
 
   ``warmup_steps`` may be fractional (warmup_epochs * steps_per_epoch), as in the official code where
   the lr is set from the fractional epoch ``step / len(loader)``. Steps past ``total_steps`` stay at
   ``min_lr``.
+
+  ``schedule(step)`` uses the fields as constants. ``schedule(step, hparams)`` reads them from
+  ``hparams`` (:meth:`hparams`, possibly traced): the training step takes them as an argument, so
+  its compiled program does not depend on the lr, the warmup or the run length, and runs that differ
+  only in those (an lr sweep, a longer run, the tests) share one compilation.
   """
-  warmup = float(warmup_steps)
-  decay = max(float(total_steps) - warmup, 1.0)
+  peak_lr: float
+  warmup_steps: float
+  total_steps: int
+  min_lr: float = 0.0
 
-  def schedule(step):
+  def hparams(self) -> dict[str, np.ndarray]:
+    """The schedule's numbers as float32 scalars (the division guards applied)."""
+    warmup = float(self.warmup_steps)
+    return {"peak_lr": np.float32(self.peak_lr), "warmup": np.float32(warmup),
+            "warmup_div": np.float32(max(warmup, 1e-12)),
+            "decay": np.float32(max(float(self.total_steps) - warmup, 1.0)),
+            "min_lr": np.float32(self.min_lr),
+            "half_span": np.float32((self.peak_lr - self.min_lr) * 0.5)}
+
+  def __call__(self, step, hparams: Mapping[str, Any] | None = None) -> jax.Array:
+    h = self.hparams() if hparams is None else hparams
     step = jnp.asarray(step, jnp.float32)
-    warm = peak_lr * step / max(warmup, 1e-12)
-    progress = jnp.clip((step - warmup) / decay, 0.0, 1.0)
-    cosine = min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
-    return jnp.where(step < warmup, warm, cosine)
+    warm = h["peak_lr"] * step / h["warmup_div"]
+    progress = jnp.clip((step - h["warmup"]) / h["decay"], 0.0, 1.0)
+    cosine = h["min_lr"] + h["half_span"] * (1.0 + jnp.cos(math.pi * progress))
+    return jnp.where(step < h["warmup"], warm, cosine)
 
-  return schedule
+
+def warmup_cosine_schedule(*, peak_lr: float, warmup_steps: float, total_steps: int,
+                           min_lr: float = 0.0) -> WarmupCosine:
+  """The :class:`WarmupCosine` schedule (linear warmup, then half-cosine to ``min_lr``)."""
+  return WarmupCosine(peak_lr=float(peak_lr), warmup_steps=float(warmup_steps),
+                      total_steps=int(total_steps), min_lr=float(min_lr))
 
 
 def weight_decay_mask(params: Any) -> Any:

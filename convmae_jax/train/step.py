@@ -28,7 +28,8 @@ PrepareFn = Callable[[dict, jax.Array], dict]
 def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.GradientTransformation,
                      schedule, shardings: StateShardings, batch_size: int, grad_accum_steps: int = 1,
                      remat: bool = False, seed: int, batch_keys: tuple[str, ...] = ("image",),
-                     prepare: PrepareFn | None = None, skip_nonfinite: bool = False):
+                     prepare: PrepareFn | None = None, skip_nonfinite: bool = False,
+                     make_tx: Callable[[Callable], optax.GradientTransformation] | None = None):
   """The jitted training step ``(params, opt_state, rest, batch, step) -> (params, opt_state, rest,
   metrics)``.
 
@@ -49,6 +50,11 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
   * ``skip_nonfinite``: a step whose loss or gradient norm is not finite changes nothing
     (parameters, optimizer state and statistics keep their values; ``skipped`` = 1), so no
     non-finite value ever reaches the state or a checkpoint.
+  * ``make_tx(schedule) -> tx`` (optional, with a ``schedule`` that has ``hparams()``, such as
+    :class:`optim.WarmupCosine`): the optimizer is rebuilt inside the step around the schedule
+    evaluated on its numbers passed as an argument, so the compiled program holds no lr, warmup or
+    run length and is shared (persistent compilation cache) by runs that differ only in those.
+    Without it, ``tx`` and ``schedule`` are used as given (their numbers are compiled in).
   Parameters, optimizer state and ``rest`` are donated.
   """
   accum = int(grad_accum_steps)
@@ -68,7 +74,11 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
     compute = jax.checkpoint(compute, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
   grad_fn = jax.value_and_grad(compute, has_aux=True)
 
-  def train_step(p, opt, r, batch, step):
+  def train_step(p, opt, r, batch, step, hparams):
+    lr_fn, step_tx = schedule, tx
+    if make_tx is not None:
+      lr_fn = lambda count: schedule(count, hparams)
+      step_tx = make_tx(lr_fn)
     r_in = r
     drop_key = jax.random.fold_in(dropout_key, step)
     batch = dict(batch)
@@ -100,7 +110,7 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
       aux = jax.tree.map(lambda a: a / accum, aux)
       grads = jax.tree.map(lambda g: g / accum, grads)
     grad_norm = optax.tree.norm(grads)
-    updates, new_opt = tx.update(grads, opt, p)
+    updates, new_opt = step_tx.update(grads, opt, p)
     new_p = optax.apply_updates(p, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if skip_nonfinite:
@@ -109,15 +119,17 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
       new_p = jax.tree.map(keep, new_p, p)
       new_opt = jax.tree.map(keep, new_opt, opt)
       r = jax.tree.map(keep, r, r_in)
-    metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(step),
+    metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "learning_rate": lr_fn(step),
                "skipped": 1.0 - ok.astype(jnp.float32)}
     if bad is not None:
       metrics[BAD_METRIC] = jnp.sum(bad.astype(jnp.int32))
     return new_p, new_opt, r, metrics
 
-  return jax.jit(train_step,
-                 in_shardings=(shardings.params, shardings.opt_state, shardings.rest, batch_sh,
-                               shardings.replicated),
-                 out_shardings=(shardings.params, shardings.opt_state, shardings.rest,
-                                shardings.replicated),
-                 donate_argnums=(0, 1, 2))
+  jitted = jax.jit(train_step,
+                   in_shardings=(shardings.params, shardings.opt_state, shardings.rest, batch_sh,
+                                 shardings.replicated, shardings.replicated),
+                   out_shardings=(shardings.params, shardings.opt_state, shardings.rest,
+                                  shardings.replicated),
+                   donate_argnums=(0, 1, 2))
+  hparams = schedule.hparams() if make_tx is not None else {}
+  return lambda p, opt, r, batch, step: jitted(p, opt, r, batch, step, hparams)
