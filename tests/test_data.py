@@ -273,10 +273,10 @@ def test_missing_dataset_message_names_data_dir(tmp_path):
   msg = str(err.value)
   assert os.path.join(empty, "imagenet2012") in msg
   for needle in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "--manual_dir",
-                 "tfds build imagenet2012", "download_and_prepare", "TFDS_DATA_DIR", DEMO):
+                 "python -m convmae_jax.data prepare imagenet2012", "TFDS_DATA_DIR", DEMO):
     assert needle in msg, needle
   assert isinstance(err.value, FileNotFoundError)
-  with pytest.raises(data.DatasetNotPreparedError, match="tfds build mnist"):
+  with pytest.raises(data.DatasetNotPreparedError, match="convmae_jax.data prepare mnist"):
     data.check_dataset("mnist", data_dir=empty)
 
 
@@ -312,3 +312,69 @@ def test_denormalize_inverts_normalization():
   np.testing.assert_allclose(data.denormalize(x) * 255.0, pix, atol=1e-3)
   np.testing.assert_array_equal(data.to_uint8(x), pix.astype(np.uint8))
   assert math.isclose(float(data.IMAGENET_STD[0]), 0.229, rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------- ImageNet from its tars
+
+
+def _jpeg(seed: int) -> bytes:
+  import io
+  from PIL import Image
+  pixels = (np.random.default_rng(seed).random((40, 50, 3)) * 255).astype(np.uint8)
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, format="JPEG")
+  return out.getvalue()
+
+
+def _tar_add(tar, name: str, payload: bytes) -> None:
+  import io
+  import tarfile
+  info = tarfile.TarInfo(name)
+  info.size = len(payload)
+  tar.addfile(info, io.BytesIO(payload))
+
+
+def test_prepare_builds_imagenet_from_the_official_tar_layout(tmp_path, capsys):
+  """A miniature ImageNet in image-net.org's layout (a train tar of per-synset tars, a flat val
+  tar) through ``python -m convmae_jax.data prepare`` and then the training pipeline."""
+  import io
+  import tarfile
+  from convmae_jax.data import __main__ as data_cli
+
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  # A refused call names what is missing and writes nothing.
+  assert data_cli.main(["prepare", "imagenet2012", "--data_dir", str(tmp_path / "tfds"),
+                        "--manual_dir", str(manual)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: --manual_dir {manual} lacks ILSVRC2012_img_train.tar, "
+                        "ILSVRC2012_img_val.tar"), err
+  assert not (tmp_path / "tfds").exists()
+
+  synsets = ("n01440764", "n01443537")        # the first two of ImageNet's 1000 classes
+  with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as outer:
+    for k, synset in enumerate(synsets):
+      inner_bytes = io.BytesIO()
+      with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
+        for i in range(3):
+          _tar_add(inner, f"{synset}_{i}.JPEG", _jpeg(10 * k + i))
+      _tar_add(outer, f"{synset}.tar", inner_bytes.getvalue())
+  with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as val:
+    for i in range(1, 5):
+      _tar_add(val, f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg(100 + i))
+
+  with _no_network():
+    assert data_cli.main(["prepare", "imagenet2012", "--data_dir", str(tmp_path / "tfds"),
+                          "--manual_dir", str(manual)]) == 0
+  out = capsys.readouterr().out
+  assert "imagenet2012 5.1.0 prepared in" in out and "train 6, validation 4 examples" in out
+  assert data.num_examples("imagenet2012", split="train", data_dir=str(tmp_path / "tfds")) == 6
+  import tensorflow_datasets as tfds
+  labels = sorted(int(ex["label"]) for ex in tfds.load(
+      "imagenet2012", split="train", data_dir=str(tmp_path / "tfds")).as_numpy_iterator())
+  assert labels == [0, 0, 0, 1, 1, 1]                  # the synset order of ImageNet's classes
+  batch = next(data.create_pretrain_dataset("imagenet2012", split="validation",
+                                            global_batch_size=4, image_size=32, seed=0,
+                                            process_index=0, process_count=1,
+                                            data_dir=str(tmp_path / "tfds")))
+  assert batch["image"].shape == (4, 32, 32, 3) and not np.any(batch["bad"])

@@ -29,5 +29,5 @@ def test_missing_dataset_exits_2_with_preparation_steps(tmp_path):
                f"--workdir={tmp_path / 'run'}", f"--config.data_dir={empty}", tmp_path=tmp_path)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert f"TFDS looked in {empty}" in proc.stderr
-  assert "tfds build imagenet2012" in proc.stderr
+  assert "python -m convmae_jax.data prepare imagenet2012" in proc.stderr
   assert "Traceback" not in proc.stderr

@@ -154,18 +154,16 @@ def _not_prepared_message(dataset_name: str, builder) -> str:
         "  1. Download ILSVRC2012_img_train.tar (~138 GB) and ILSVRC2012_img_val.tar (~6.3 GB) "
         "from https://image-net.org/ (free account, terms of access) into a manual dir, e.g. "
         f"{manual}/ (do not extract them).\n"
-        f"  2. Run:  tfds build imagenet2012 --data_dir={root} --manual_dir={manual}\n"
-        "     or in Python:  tfds.builder('imagenet2012', data_dir=" + repr(root) + ")"
-        ".download_and_prepare(download_config=tfds.download.DownloadConfig("
-        f"manual_dir={manual!r}))\n"
+        f"  2. Run:  python -m convmae_jax.data prepare imagenet2012 --data_dir={root} "
+        f"--manual_dir={manual}\n"
         "  This takes a few hours on one machine and writes ~150 GB of TFRecords. On TPU "
         "VMs/pods, prepare once into a bucket (data_dir=gs://<bucket>/tensorflow_datasets) and "
         "point every host at it.\n"
         f"  No ImageNet? Use dataset={DEMO_DATASET!r} (built offline from photos that pip "
         "packages ship).")
   else:
-    how = (f"\nPrepare it first:  tfds build {_base_name(dataset_name)} --data_dir={root}   "
-           f"(or tfds.builder({dataset_name!r}, data_dir={root!r}).download_and_prepare()).")
+    how = (f"\nPrepare it first:  python -m convmae_jax.data prepare {dataset_name} "
+           f"--data_dir={root}")
     instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
     if instructions:
       how += f"\nManual download instructions:\n{instructions}"
