@@ -58,7 +58,8 @@ def _status_kib(field):
 
 def jax_step(name, args, build_abstract=False):
   make = lambda: models.create(name, rngs=nnx.Rngs(0), img_size=args.img, drop_path_rate=0.0,
-                               dtype=args.dtype, remat=args.remat, dwconv_impl=args.dwconv_impl)
+                               dtype=args.dtype, remat=args.remat, dwconv_impl=args.dwconv_impl,
+                               attention_impl=args.attention_impl)
   model = nnx.eval_shape(make) if build_abstract else make()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -117,7 +118,7 @@ def child(side, name, args, timed=False):
   cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--jobs",
          f"{args.preset}:{args.img}", "--size", args.size, "--batch", str(args.batch),
          "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
-         "--dwconv_impl", args.dwconv_impl]
+         "--dwconv_impl", args.dwconv_impl, "--attention_impl", args.attention_impl]
   cmd += ["--remat"] * args.remat + ["--cpu_memory_scheduler"] * args.cpu_memory_scheduler
   cmd += ["--separate"] * timed
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -167,6 +168,7 @@ def _record(name, args, **fields):
   """A JSON record: what was run, on what, then `fields`."""
   return {"job": args.preset, "model": name, "img_size": args.img, "batch": args.batch,
           "jax_dtype": args.dtype, "remat": args.remat, "dwconv_impl": args.dwconv_impl,
+          "attention_impl": args.attention_impl,
           "backend": jax.default_backend(), "cpu": hostinfo.cpu_name(), **fields}
 
 
@@ -198,6 +200,8 @@ def main():
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--dwconv_impl", default="auto", choices=("auto", "shift", "lax"),
                   help="JAX's depthwise convolution (auto: shift on CPU, lax elsewhere)")
+  ap.add_argument("--attention_impl", default="auto", choices=("auto", "explicit", "xla", "cudnn"),
+                  help="JAX's attention (auto: cuDNN on a CUDA GPU in bfloat16, else explicit)")
   ap.add_argument("--memory", default="auto", choices=("auto", "off"),
                   help="auto: child-process peak RSS on CPU, max_memory_allocated on CUDA")
   ap.add_argument("--compile_only", action="store_true",
@@ -212,6 +216,13 @@ def main():
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
   args.device = "cuda" if torch.cuda.is_available() else "cpu"
+  if args.attention_impl == "cudnn":
+    cfg = models.config_for(f"convvit_det_{args.size}", dtype=args.dtype)
+    try:  # the device and dtype, before anything is built (shapes are checked when traced)
+      models.layers.resolve_attention_impl("cudnn", dtype=cfg.jnp_dtype, length=2, has_bias=True,
+                                           head_dim=cfg.embed_dims[2] // cfg.num_heads)
+    except ValueError as e:
+      ap.error(str(e))
 
   for job in args.jobs.split(","):
     args.preset, img = job.split(":")

@@ -3,6 +3,8 @@
     python benchmarks/step_vs_torch.py --model convmae_base --batch 8                 # CPU, float32
     python benchmarks/step_vs_torch.py --model convmae_base --batch 256 --dtype bfloat16 \
         --conv_impl visible,dense --dwconv_impl lax,shift --remat off,on              # one GPU
+    python benchmarks/step_vs_torch.py --model convmae_base --batch 128 --dtype bfloat16 \
+        --attention_impl explicit,xla,cudnn                                          # attention
 
 Step = forward + backward + AdamW (0.9, 0.95, wd 0.05) at mask ratio 0.75 with the normalized-pixel
 loss, on random images, as the trainer runs it. The JAX variants (every combination of the comma
@@ -19,6 +21,12 @@ twin does. ``tflops_*`` divide them by the step time; ``mfu_*`` divide those by 
 measured in this run on this device (``matmul_peak_tflops``: a large square product in ``--dtype``)
 and by the datasheet peak where the device is known. Memory: JAX's compiled step (arguments +
 outputs + temporaries - donated) and, on a GPU, each side's peak allocation.
+
+``--attention_impl`` picks how the attention layers are computed (``attention_impl`` of the model:
+explicit matmuls, ``jax.nn.dot_product_attention`` with its XLA or cuDNN implementation, or auto);
+each line names the requested value and, as ``attention_impl_resolved``, what it resolves to for
+the encoder's attention. FLOPs are always counted on the explicit form (a cuDNN call hides its
+matmuls), so every attention variant is credited with the same work.
 
 ``--complementary on`` adds FastConvMAE's complementary masks (``complementary_masks=True``): each
 image gives 1/(1 - mask_ratio) masked views per step (four at 0.75), so besides images/s the line
@@ -102,11 +110,12 @@ def measure_matmul_tflops(dtype: str, n: int | None = None, reps: int = 10) -> f
 # ------------------------------------------------------------------------------------------------
 # The two sides.
 # ------------------------------------------------------------------------------------------------
-def make_step(args, conv_impl: str, dwconv_impl: str, remat: bool, complementary: bool = False):
+def make_step(args, conv_impl: str, dwconv_impl: str, remat: bool, complementary: bool = False,
+              attention_impl: str = "auto"):
   """(step, params, opt_state, num_patches): the trainer's pretraining step for one variant."""
   model = models.create(args.model, rngs=nnx.Rngs(0), img_size=args.img_size, dtype=args.dtype,
                         dwconv_impl=dwconv_impl, conv_impl=conv_impl,
-                        complementary_masks=complementary)
+                        complementary_masks=complementary, attention_impl=attention_impl)
   num_patches = model.num_patches
   tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.05)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -135,10 +144,12 @@ _FLOPS_CACHE: dict = {}
 
 def step_flops(args, conv_impl: str, remat: bool, complementary: bool = False) -> int:
   """Matmul + conv FLOPs of one step, counted on the step's program with the depthwise conv as a
-  conv op (so "shift" variants count the same work they do as multiply-adds)."""
+  conv op (so "shift" variants count the same work they do as multiply-adds) and the attention
+  written as matmuls (cuDNN attention is one custom call)."""
   key = (conv_impl, remat, complementary)
   if key not in _FLOPS_CACHE:
-    step, params, opt_state, _ = make_step(args, conv_impl, "lax", remat, complementary)
+    step, params, opt_state, _ = make_step(args, conv_impl, "lax", remat, complementary,
+                                           attention_impl="explicit")
     images = jax.ShapeDtypeStruct((args.batch, args.img_size, args.img_size, 3), jnp.float32)
     _FLOPS_CACHE[key] = flops_lib.count(step, abstract(params), abstract(opt_state), images,
                                         jax.random.key(0))
@@ -147,19 +158,32 @@ def step_flops(args, conv_impl: str, remat: bool, complementary: bool = False) -
   return _FLOPS_CACHE[key]
 
 
+def encoder_attention_impl(args, attention_impl: str) -> str:
+  """What `attention_impl` resolves to for the encoder's attention of this model, size and dtype
+  (the visible tokens, no bias) on the default backend; ValueError where it cannot run."""
+  cfg = models.config_for(args.model, img_size=args.img_size)
+  return models.layers.resolve_attention_impl(
+      attention_impl, dtype=jnp.dtype(args.dtype), head_dim=cfg.embed_dims[2] // cfg.num_heads,
+      length=models.num_visible(cfg.num_patches, cfg.mask_ratio), has_bias=False)
+
+
 class JaxSide:
   """One JAX variant's compiled step and its state; `run(k)` does k steps and syncs."""
 
-  def __init__(self, args, conv_impl: str, dwconv_impl: str, remat: bool, complementary: bool):
+  def __init__(self, args, conv_impl: str, dwconv_impl: str, remat: bool, complementary: bool,
+               attention_impl: str = "auto"):
     self.name = (f"jax conv_impl={conv_impl} dwconv_impl={dwconv_impl} remat={'on' if remat else 'off'}"
-                 f" complementary={'on' if complementary else 'off'}")
+                 f" complementary={'on' if complementary else 'off'}"
+                 f" attention_impl={attention_impl}")
     self.groups = (models.config_for(args.model, img_size=args.img_size,
                                      complementary_masks=True).num_groups if complementary else 1)
     self.meta = dict(side="jax", conv_impl=conv_impl, dwconv_impl=dwconv_impl,
                      remat="on" if remat else "off", complementary="on" if complementary else "off",
-                     dtype=args.dtype)
+                     dtype=args.dtype, attention_impl=attention_impl,
+                     attention_impl_resolved=encoder_attention_impl(args, attention_impl))
     self.flops_executed = step_flops(args, conv_impl, remat, complementary)
-    step, params, opt_state, _ = make_step(args, conv_impl, dwconv_impl, remat, complementary)
+    step, params, opt_state, _ = make_step(args, conv_impl, dwconv_impl, remat, complementary,
+                                           attention_impl)
     images = jax.random.normal(jax.random.key(0), (args.batch, args.img_size, args.img_size, 3))
     t0 = time.perf_counter()
     self.compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
@@ -259,6 +283,8 @@ def parse_args(argv=None):
                   "float32 on CPU)")
   ap.add_argument("--conv_impl", default="visible", help="comma list of visible, dense")
   ap.add_argument("--dwconv_impl", default="auto", help="comma list of auto, lax, shift")
+  ap.add_argument("--attention_impl", default="auto", help="comma list of auto, explicit, xla, "
+                  "cudnn (cudnn: CUDA GPU and bfloat16 only)")
   ap.add_argument("--remat", default="off", help="comma list of off, on")
   ap.add_argument("--complementary", default="off", help="comma list of off, on: FastConvMAE's "
                   "complementary masks (each image gives 1/(1-mask_ratio) masked targets per step)")
@@ -277,6 +303,7 @@ def parse_args(argv=None):
     args.inner = 1 if jax.default_backend() == "cpu" else 5
   lists = {}
   for name, accepted in (("conv_impl", ("visible", "dense")), ("dwconv_impl", ("auto", "lax", "shift")),
+                         ("attention_impl", models.layers.ATTENTION_IMPLS),
                          ("remat", ("off", "on")), ("complementary", ("off", "on"))):
     values = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
     bad = [v for v in values if v not in accepted]
@@ -287,6 +314,8 @@ def parse_args(argv=None):
     ap.error(f"--dtype {args.dtype!r} is not one of ('float32', 'bfloat16')")
   try:
     models.config_for(args.model, img_size=args.img_size)
+    for impl in lists["attention_impl"]:
+      encoder_attention_impl(args, impl)
   except (ValueError, TypeError) as e:
     ap.error(str(e))
   if args.batch < 1 or args.steps < 1 or args.inner < 1 or args.warmup < 0:
@@ -306,10 +335,11 @@ def main(argv=None):
   # What the official formulation computes for this step: the dense variant's program.
   dense_flops_per_step = step_flops(args, "dense", False)
   sides = []
-  for conv_impl, dwconv_impl, remat, comp in itertools.product(
-      lists["conv_impl"], lists["dwconv_impl"], lists["remat"], lists["complementary"]):
+  for conv_impl, dwconv_impl, attention_impl, remat, comp in itertools.product(
+      lists["conv_impl"], lists["dwconv_impl"], lists["attention_impl"], lists["remat"],
+      lists["complementary"]):
     side = JaxSide(args, conv_impl, models.layers.resolve_dwconv_impl(dwconv_impl), remat == "on",
-                   comp == "on")
+                   comp == "on", attention_impl)
     print(f"compiled {side.name} in {side.compile_s:.1f} s", file=sys.stderr, flush=True)
     sides.append(side)
   if args.torch == "on":

@@ -25,7 +25,7 @@ import numpy as np
 _FILE_SUFFIXES = (".pth", ".pt", ".safetensors")
 # Config fields a file's own metadata may not override: they decide the weights' shapes.
 _RUNTIME_FIELDS = ("dtype", "mask_ratio", "norm_pix_loss", "drop_path_rate", "conv_impl",
-                   "dwconv_impl")
+                   "dwconv_impl", "attention_impl")
 
 
 def load(path: str | os.PathLike, *, step: int | None = None, model: str | None = None,

@@ -10,7 +10,9 @@ count). Elementwise work (norms, softmax, GELU, the optimizer) is not counted. O
 so nothing is computed: arguments may be ``jax.ShapeDtypeStruct``.
 
 A depthwise conv written as shifted multiply-adds (``dwconv_impl="shift"``) has no conv op, so count
-with ``dwconv_impl="lax"`` to include it; its share is under 1% of the ConvMAE step.
+with ``dwconv_impl="lax"`` to include it; its share is under 1% of the ConvMAE step. Likewise cuDNN
+attention (``attention_impl="cudnn"``, which ``"auto"`` picks on a GPU in bfloat16) is one custom
+call without dot_general: count with ``attention_impl="explicit"`` (or ``"xla"``).
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "embed_dims": placeholder(tuple), "depths": placeholder(tuple), "num_heads": placeholder(int),
       "mlp_ratios": placeholder(tuple), "patch_sizes": placeholder(tuple),
       "dwconv_impl": placeholder(str),   # "auto" (default) | "shift" | "lax": same function
+      "attention_impl": placeholder(str),  # "auto" (default) | "explicit" | "xla" | "cudnn"
   })
   c.image_size = 224              # pixels; a multiple of 16 (pos_embed resized if it differs)
   c.num_classes = 1000            # must equal the dataset's number of classes

@@ -43,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "decoder_num_heads": placeholder(int), "decoder_mlp_ratio": placeholder(float),
       "conv_impl": placeholder(str),     # "visible" (default) | "dense": same function
       "dwconv_impl": placeholder(str),   # "auto" (default) | "shift" | "lax": same function
+      "attention_impl": placeholder(str),  # "auto" (default) | "explicit" | "xla" | "cudnn"
   })
   c.image_size = 224              # pixels; a multiple of the total stride 16
   c.mask_ratio = 0.75             # fraction of the (image_size/16)^2 tokens removed

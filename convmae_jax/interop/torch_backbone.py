@@ -349,8 +349,9 @@ class ConvViTBackboneTorch(nn.Module):
 def torch_backbone(name: str, **overrides) -> ConvViTBackboneTorch:
     """PyTorch twin of `models.create(name, **overrides)` for `convvit_{det,seg,vitdet}_*`.
 
-    JAX-only fields (dtype, dwconv_impl, remat) are validated and ignored; window_padding is implied
-    (the twin pads whenever the grid does not divide, which the JAX config refuses without it).
+    JAX-only fields (dtype, dwconv_impl, attention_impl, remat) are validated and ignored;
+    window_padding is implied (the twin pads whenever the grid does not divide, which the JAX
+    config refuses without it).
     """
     from convmae_jax import models
 

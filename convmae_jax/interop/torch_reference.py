@@ -497,8 +497,9 @@ def torch_model(name: str, **overrides) -> nn.Module:
     """PyTorch twin of ``models.create(name, **overrides)``: same registry names, same size table
     and config fields (``convmae_*`` -> :class:`ConvMAETorch`, ``convvit_*`` -> :class:`ConvViTTorch`).
 
-    JAX-only fields (``dtype``, ``dwconv_impl``) are validated and then ignored: the PyTorch model
-    computes in float32. Initialization draws from torch's global RNG (``torch.manual_seed``).
+    JAX-only fields (``dtype``, ``dwconv_impl``, ``attention_impl``) are validated and then ignored:
+    the PyTorch model computes in float32. Initialization draws from torch's global RNG
+    (``torch.manual_seed``).
     """
     from convmae_jax import models  # no torch in there; jax is imported lazily by this call only
 

@@ -143,8 +143,8 @@ class ConvViTBackbone(nnx.Module):
       blocks.append(layers.Block(
           d, heads, r3, kernel_init=_normal_002, drop_path=dpr[n1 + n2 + i],
           window_size=0 if is_global else ws, layer_scale=config.layer_scale, rel_pos=per_block,
-          rel_pos_grid=attn_grid if per_block != "none" else None, lean_softmax=True, dtype=dt,
-          rngs=rngs))
+          rel_pos_grid=attn_grid if per_block != "none" else None, lean_softmax=True,
+          attention_impl=config.attention_impl, dtype=dt, rngs=rngs))
     self.blocks3 = nnx.List(blocks)
     if config.rel_pos == "shared_table":
       if len(config.global_blocks) < n3:

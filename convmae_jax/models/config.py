@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _DWCONV_IMPLS = ("auto", "shift", "lax")
+_ATTENTION_IMPLS = ("auto", "explicit", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,11 @@ class EncoderConfig:
   dtype: compute dtype, "float32" or "bfloat16" (parameters, LayerNorm, softmax, loss stay float32).
   dwconv_impl: depthwise conv implementation: "shift" (fast on CPU), "lax" (grouped conv, fast on
     GPU/TPU) or "auto" (picks by backend). All give the same function.
+  attention_impl: how every attention layer (encoder, decoder, backbone) is computed, the same
+    function up to rounding: "explicit" (matmuls written out, softmax in float32), "xla" or "cudnn"
+    (`jax.nn.dot_product_attention` with that implementation; "cudnn" is cuDNN flash attention,
+    CUDA GPUs and bfloat16 only) or "auto": "cudnn" on a CUDA GPU in bfloat16 where cuDNN takes the
+    shapes, else "explicit" (`layers.resolve_attention_impl`).
   """
   img_size: int = 224
   in_chans: int = 3
@@ -36,6 +42,7 @@ class EncoderConfig:
   mlp_ratios: tuple[float, float, float] = (4.0, 4.0, 4.0)
   dtype: str = "float32"
   dwconv_impl: str = "auto"
+  attention_impl: str = "auto"
 
   @property
   def total_stride(self) -> int:
@@ -80,6 +87,8 @@ class EncoderConfig:
       raise ValueError(f"dtype {self.dtype!r} is not supported; use one of {sorted(_DTYPES)}")
     if self.dwconv_impl not in _DWCONV_IMPLS:
       raise ValueError(f"dwconv_impl {self.dwconv_impl!r} is not one of {_DWCONV_IMPLS}")
+    if self.attention_impl not in _ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {_ATTENTION_IMPLS}")
 
   def to_dict(self) -> dict[str, Any]:
     """JSON-able kwargs: `type(cfg)(**cfg.to_dict())` rebuilds it."""

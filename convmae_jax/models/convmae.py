@@ -97,8 +97,10 @@ class ConvMAE(nnx.Module):
         c2, d, s2, kernel_init=layers.torch_default(c2 * s2 * s2),
         bias_init=layers.torch_default(c2 * s2 * s2), dtype=dt, rngs=rngs)
     self.pos_embed = layers.FrozenPosEmbed(jnp.asarray(sincos_2d(d, g3)))
-    self.blocks3 = nnx.List([layers.Block(d, config.num_heads, r3, kernel_init=_xavier, dtype=dt,
-                                          rngs=rngs) for _ in range(config.depths[2])])
+    attn = config.attention_impl
+    self.blocks3 = nnx.List([layers.Block(d, config.num_heads, r3, kernel_init=_xavier,
+                                          attention_impl=attn, dtype=dt, rngs=rngs)
+                             for _ in range(config.depths[2])])
     self.norm = layers.LayerNorm(d, 1e-6, dtype=dt)
 
     dec_ratio = config.decoder_mlp_ratio if config.decoder_mlp_ratio is not None else r1
@@ -106,8 +108,9 @@ class ConvMAE(nnx.Module):
     self.mask_token = nnx.Param(layers.normal(0.02)(rngs.params(), (1, 1, dd)))
     self.decoder_pos_embed = layers.FrozenPosEmbed(jnp.asarray(sincos_2d(dd, g3)))
     self.decoder_blocks = nnx.List([
-        layers.Block(dd, config.decoder_num_heads, dec_ratio, kernel_init=_xavier, dtype=dt,
-                     rngs=rngs) for _ in range(config.decoder_depth)])
+        layers.Block(dd, config.decoder_num_heads, dec_ratio, kernel_init=_xavier,
+                     attention_impl=attn, dtype=dt, rngs=rngs)
+        for _ in range(config.decoder_depth)])
     self.decoder_norm = layers.LayerNorm(dd, 1e-6, dtype=dt)
     out = config.total_stride ** 2 * config.in_chans
     self.decoder_pred = layers.Linear(dd, out, kernel_init=_xavier(dd, out), dtype=dt, rngs=rngs)

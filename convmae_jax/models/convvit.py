@@ -98,7 +98,8 @@ class ConvViT(nnx.Module):
     self.pos_embed = nnx.Param(layers.normal(0.02)(rngs.params(), (1, config.num_patches, d)))
     self.blocks3 = nnx.List([
         layers.Block(d, config.num_heads, r3, kernel_init=_normal_002, drop_path=dpr[n1 + n2 + i],
-                     dtype=dt, rngs=rngs) for i in range(config.depths[2])])
+                     attention_impl=config.attention_impl, dtype=dt, rngs=rngs)
+        for i in range(config.depths[2])])
     if config.global_pool:
       self.fc_norm = layers.LayerNorm(d, 1e-6, dtype=dt)
     else:
