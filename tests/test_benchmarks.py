@@ -63,3 +63,14 @@ def test_input_pipeline_rate_lines(tmp_path):
     assert r["images_per_s"] > 0
     assert r["images_per_s_per_thread"] == pytest.approx(r["images_per_s"] / r["threads"], rel=1e-2)
     assert r["mean_jpeg_kb"] > 10
+
+
+def test_xla_flags_lines(tmp_path):
+  rows = run_json_lines(["benchmarks/xla_flags.py", "--step", "pretrain", "--model", "convmae_tiny",
+                         "--img_size", "32", "--batch", "4", "--steps", "1", "--warmup", "0", "--rounds", "1",
+                         "--candidate=--xla_cpu_no_such_flag=true"], tmp_path)
+  assert [r["xla_flags"] for r in rows] == ["", "--xla_cpu_no_such_flag=true"]
+  ref, bad = rows
+  assert ref["speed_vs_defaults"] == 1.0 and ref["loss_vs_defaults"] == 0.0
+  assert ref["step_s_median"] > 0 and ref["cpu"] and "error" not in ref
+  assert "error" in bad and "step_s_median" not in bad
