@@ -51,10 +51,36 @@ def _config_paths(node, prefix: str = "") -> list[str]:
   return out
 
 
+# The parsers ml_collections uses for these field types (a value they refuse is a FATAL flags error).
+_VALUE_PARSERS = {int: flags.IntegerParser(), float: flags.FloatParser(), bool: flags.BooleanParser()}
+
+
+def _check_override_value(config, name: str, raw: str, path: str) -> None:
+  """Refuses ``--config.name=raw`` when ``raw`` does not parse as the field's int/float/bool type."""
+  node, leaf = config, name
+  while "." in leaf:
+    head, leaf = leaf.split(".", 1)
+    node = node[head]
+  try:
+    field_type = node.get_type(leaf)
+  except Exception:  # noqa: BLE001 - not a typed leaf: left to the flags parser
+    return
+  parser = _VALUE_PARSERS.get(field_type)
+  if parser is None:
+    return
+  try:
+    parser.parse(raw)
+  except ValueError:
+    article = "an" if field_type is int else "a"
+    _fail(f"--config.{name}={raw}: not {article} {field_type.__name__} (the type of {name} in "
+          f"{path}, now {node[leaf]!r}).")
+
+
 def check_command_line(argv: list[str]) -> None:
-  """Refuses, before flags are parsed (whose errors are tracebacks), a --config file that does not
-  exist or does not load, and --config.FIELD overrides of fields the config does not have (naming
-  the closest ones). Exit status 2."""
+  """Refuses, before flags are parsed (whose errors are tracebacks or FATAL lines), a --config file
+  that does not exist or does not load, --config.FIELD overrides of fields the config does not have
+  (naming the closest ones) and override values that are not of the field's int/float/bool type.
+  Exit status 2."""
   spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
   if spec is None:
     return                                            # absl says --config is required
@@ -83,6 +109,8 @@ def check_command_line(argv: list[str]) -> None:
         source = inspect.getsourcefile(module.get_config) or path
         _fail(f"--config.{name}: {path} has no field {name!r}.{hint} Every field is listed, with a "
               f"comment, in {os.path.relpath(source)}.")
+      if name and "=" in a:
+        _check_override_value(config, name, a.split("=", 1)[1], path)
 
 
 def main(argv):

@@ -129,6 +129,8 @@ def test_main_refuses_user_mistakes_with_exit_2_and_no_traceback(tmp_path):
       ([f"--config={demo}", f"--workdir={tmp_path / 'w2'}", "--config.batch_sise=4"],
        "has no field 'batch_sise'", "Did you mean batch_size"),
       ([f"--config={demo}", f"--workdir={afile}"], "is a file", "give a folder"),
+      ([f"--config={demo}", f"--workdir={tmp_path / 'w5'}", "--config.batch_size=abc"],
+       "--config.batch_size=abc: not an int (the type of batch_size in", "now 32)"),
       ([f"--config={demo}", f"--workdir={tmp_path / 'w3'}", "--config.train_split=trian"],
        "split='trian' is not valid", "available splits are ['test', 'train']"),
       ([f"--config={demo}", f"--workdir={tmp_path / 'w4'}", f"--config.init_from={broken.parent.parent}"],

@@ -90,6 +90,17 @@ def test_stop_exits_3_naming_the_step_and_a_finite_checkpoint(tmp_path):
   assert f"The last checkpoint is step {last} in" in proc.stderr
   assert all(np.all(np.isfinite(np.asarray(x))) for x in _params(tmp_path, last)
              if np.asarray(x).dtype.kind == "f")
+  # Resuming this workdir with another model: one line, exit 2, and no checkpoint thread left to
+  # print a traceback at interpreter shutdown.
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "main.py"), "--config=" + os.path.join(ROOT, "configs", "demo.py"),
+       f"--workdir={tmp_path}", "--config.model=convmae_small"], cwd=tmp_path, env=env,
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "was written with model 'convmae_tiny' (now 'convmae_small')" in proc.stderr
+  assert "use another --workdir" in proc.stderr
+  assert "Traceback" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]
+  assert checkpoints.latest_step(tmp_path) == last
 
 
 def test_resume_with_a_config_that_does_not_fit_is_refused(tmp_path):
