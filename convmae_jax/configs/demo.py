@@ -8,7 +8,10 @@ dataset, about 520 img/s): the loss (pixel MSE on masked patches, ImageNet-norma
 from 1.07 (mean of steps 1-20) to 0.52 at step 500, and
 /tmp/convmae_demo/reconstructions/step_000100.png ... step_000500.png show original | masked |
 reconstruction | raw prediction of the 5 held-out photos, the masked patches turning from noise
-into the right colours and shapes.
+into the right colours and shapes. The k-NN monitor (200 test digits against 200 train digits of
+the embedded `convmae_demo_digits`, k = 20) printed top-1 39.0, 45.0, 56.5, 51.0 and 52.5% at
+steps 100 ... 500, 0.7-1.1 s per evaluation (2.3 s for the first, which compiles); the randomly
+initialised encoder scores 48.5%: 16 photos teach the tiny encoder little about digits.
 """
 
 import ml_collections
@@ -41,4 +44,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every_steps = 20
   c.recon_every_steps = 100
   c.recon_num_images = 5
+  # k-NN monitor on the embedded digits (labelled, unlike the photos): 200 test digits against 200
+  # train digits (20 of each class), every 100 steps.
+  c.knn_every_steps = 100
+  c.knn_dataset = "convmae_demo_digits"
+  c.knn_reference_split = "train"
+  c.knn_query_split = "test"
+  c.knn_reference_per_class = 20
+  c.knn_query_per_class = 20
+  c.knn_batch_size = 64           # a multiple of batch_size: fits every mesh the demo fits
   return c

@@ -94,6 +94,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.recon_every_steps = 5000
   c.recon_at_end = True           # also write the figure after the last step
   c.recon_num_images = 8
+  # k-NN monitor: every knn_every_steps steps (0 = off) and at the last step, the weighted k-NN
+  # top-1 (percent; knn_k neighbours, votes exp(cosine / knn_temperature)) of the unmasked encoder's
+  # pooled, L2-normalised embeddings: the first knn_query_per_class examples of each class of
+  # knn_query_split against the first knn_reference_per_class of each class of knn_reference_split
+  # (each split's fixed order). Logged as knn_top1 and knn_seconds; not counted in img/s.
+  c.knn_every_steps = 0
+  c.knn_dataset = ""              # a labelled TFDS dataset (image + ClassLabel label); "" = dataset
+  c.knn_reference_split = "train"
+  c.knn_query_split = "validation"
+  c.knn_reference_per_class = 10
+  c.knn_query_per_class = 10
+  c.knn_k = 20
+  c.knn_temperature = 0.07
+  c.knn_batch_size = 256          # global; a multiple of the data-parallel devices and processes
   c.init_from = ""                # workdir or model-only checkpoint to take the initial weights from
   c.stop_after_steps = -1         # end this run (with a checkpoint) at this step; schedule unchanged
   c.profile_steps = (0, 0)        # (a, b): jax.profiler trace of steps a+1..b into {workdir}/profile

@@ -16,7 +16,9 @@ ops keyed on ``(seed, process, position)``:
 
 Evaluation: resize the short side to ``int(image_size / crop_pct)`` (256 for 224, bicubic) ->
 center crop ``image_size`` -> mean/std, every example once, padded to whole batches with
-``valid = 0`` rows so metrics count each example exactly once, on any number of processes.
+``valid = 0`` rows so metrics count each example exactly once, on any number of processes. The same
+transform serves a fixed class-balanced subset of a split (``create_class_balanced_dataset``: the
+first examples of each class in the split's fixed order, e.g. for a k-NN monitor).
 
 Batches: ``{"image": float32 (B, S, S, 3), "label": int32 (B,)}`` plus ``"valid"`` (float32) in
 evaluation, where ``B`` is this process's share of the global batch.
@@ -281,3 +283,119 @@ def create_eval_dataset(
     ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(pad))
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(2)
   return EvalData(ds, num_batches=num_batches, num_examples=total, local_batch_size=local_batch)
+
+
+class ClassBalancedSubset(EvalData):
+  """:class:`EvalData` of a fixed class-balanced subset of a split
+  (``create_class_balanced_dataset``).
+
+  Batches also carry ``"rank"`` (int32): the example's place in the whole subset (0 .. n-1, the
+  split's order), and a large value on padding rows, so that a consumer can put gathered rows back
+  in one order whatever the number of processes. ``num_classes`` is the label feature's;
+  ``per_class`` (num_classes,) counts the subset's examples of each class (all processes);
+  ``ids`` are this process's TFDS ids, by rank.
+  """
+
+  PAD_RANK = np.iinfo(np.int32).max
+
+  def __init__(self, dataset, *, num_batches: int, num_examples: int, local_batch_size: int,
+               num_classes: int, per_class: np.ndarray, ids: list[str]):
+    super().__init__(dataset, num_batches=num_batches, num_examples=num_examples,
+                     local_batch_size=local_batch_size)
+    self.num_classes = num_classes
+    self.per_class = per_class
+    self.ids = ids
+
+
+def first_per_class(builder, split: str, *, image_key: str, per_class: int,
+                    num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """(positions, labels), int64, of the first ``per_class`` examples of each class in the fixed
+  order of ``split`` (ascending positions; fewer for a class with fewer examples). Reads the labels
+  only (images stay encoded) and stops as soon as every class has its share."""
+  labels = pipeline._read_encoded(builder, split, image_key, "label").map(lambda _, label: label)
+  counts = np.zeros(num_classes, np.int64)
+  positions, chosen = [], []
+  offset = 0
+  for chunk in labels.batch(4096).as_numpy_iterator():
+    for i, label in enumerate(chunk.tolist()):
+      if counts[label] < per_class:
+        counts[label] += 1
+        positions.append(offset + i)
+        chosen.append(label)
+    offset += len(chunk)
+    if counts.min() >= per_class:
+      break
+  return np.asarray(positions, np.int64), np.asarray(chosen, np.int64)
+
+
+def create_class_balanced_dataset(
+    dataset_name: str,
+    *,
+    split: str,
+    per_class: int,
+    global_batch_size: int,
+    image_size: int,
+    crop_pct: float = DEFAULT_CROP_PCT,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    data_dir: str | None = None,
+) -> ClassBalancedSubset:
+  """Evaluation batches (``eval_transform``) of a fixed, class-balanced subset of ``split``: the
+  first ``per_class`` examples of each class in the split's deterministic order (TFDS order,
+  ``shuffle_files=False``), every one of them once (see :class:`ClassBalancedSubset`).
+
+  The subset does not depend on the number of processes: the example of rank r goes to process
+  ``r % process_count``. Its encoded images are read from disk once, here (the labels up to the
+  last example chosen, then the chosen records); each iteration decodes them again. An undecodable
+  example is a ``valid = 0`` row. ValueError names a bad dataset, split, or a split without labels.
+  """
+  process_index, process_count = pipeline._process_args(process_index, process_count)
+  image_size = pipeline._int_arg("image_size", image_size, minimum=1, accepted="> 0 (pixels)")
+  per_class = pipeline._int_arg("per_class", per_class, minimum=1, accepted=">= 1")
+  local_batch = pipeline.batch_args(global_batch_size, process_count)
+  if not 0.0 < float(crop_pct) <= 1.0:
+    raise ValueError(f"crop_pct={crop_pct!r} is not valid: expected a fraction in (0, 1]")
+  builder, num_classes = label_info(dataset_name, split=split, data_dir=data_dir)
+  image_key = pipeline._image_key(builder, dataset_name)
+  tf = pipeline._tf()
+
+  positions, labels = first_per_class(builder, split, image_key=image_key, per_class=per_class,
+                                      num_classes=num_classes)
+  total = len(positions)
+  if total == 0:
+    raise ValueError(f"split={split!r} of dataset {dataset_name!r} has no examples")
+  rank_of = np.full(int(positions[-1]) + 1, -1, np.int64)
+  rank_of[positions] = np.arange(total)
+  mine = np.where((rank_of >= 0) & (rank_of % process_count == process_index), rank_of, -1)
+  mine = tf.constant(mine, tf.int64)
+  chosen = (pipeline._read_encoded(builder, split, image_key, "label", with_id=True)
+            .take(len(rank_of)).enumerate()
+            .filter(lambda i, ex: tf.gather(mine, i) >= 0)
+            .map(lambda i, ex: (ex[0], ex[1], tf.cast(tf.gather(mine, i), tf.int32), ex[2])))
+  records = list(chosen.as_numpy_iterator())
+  n = len(records)
+  # The chosen records, held in memory as encoded bytes: later iterations never read the split.
+  stream = tf.data.Dataset.from_tensor_slices((
+      tf.constant([r[0] for r in records], tf.string, shape=[n]),
+      tf.constant([r[1] for r in records], tf.int32, shape=[n]),
+      tf.constant([r[2] for r in records], tf.int32, shape=[n]),
+      tf.constant([r[3] for r in records], tf.string, shape=[n])))
+  ds = pipeline.decode_guarded(
+      stream, lambda b, l, r: {"image": eval_transform(b, image_size, crop_pct), "label": l,
+                               "valid": tf.constant(1.0, tf.float32), "rank": r},
+      lambda b, l, r: {"image": pipeline.replacement_image(image_size), "label": l,
+                       "valid": tf.constant(0.0, tf.float32), "rank": r})
+  num_batches = int(math.ceil(math.ceil(total / process_count) / local_batch))
+  pad = num_batches * local_batch - n
+  if pad:
+    filler = {"image": tf.zeros([image_size, image_size, 3], tf.float32),
+              "label": tf.constant(0, tf.int32), "valid": tf.constant(0.0, tf.float32),
+              "rank": tf.constant(ClassBalancedSubset.PAD_RANK, tf.int32),
+              pipeline.BAD_KEY: tf.constant(False), pipeline.ID_KEY: tf.constant(""),
+              pipeline.REASON_KEY: tf.constant("")}
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(pad))
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(2)
+  return ClassBalancedSubset(
+      ds, num_batches=num_batches, num_examples=total, local_batch_size=local_batch,
+      num_classes=num_classes, per_class=np.bincount(labels, minlength=num_classes),
+      ids=[r[3].decode() for r in records])

@@ -18,6 +18,7 @@ from convmae_jax.models import layers
 from convmae_jax.models import masking
 from convmae_jax.models import visible
 from convmae_jax.models.config import ConvMAEConfig
+from convmae_jax.models.convvit import conv_stages as unmasked_conv_stages
 from convmae_jax.models.pos_embed import sincos_2d
 
 
@@ -65,7 +66,8 @@ def _xavier(fan_in: int, fan_out: int):
 class ConvMAE(nnx.Module):
   """ConvMAE pretraining model. Attribute names mirror the official state-dict keys.
 
-  Call: `loss, pred, mask = model(images, noise=noise)`; `encode` gives the latents only.
+  Call: `loss, pred, mask = model(images, noise=noise)`; `encode` gives the latents only;
+  `encode_unmasked` runs the encoder on whole images (no mask) for judging the representation.
   """
 
   def __init__(self, config: ConvMAEConfig, *, rngs: nnx.Rngs):
@@ -140,12 +142,15 @@ class ConvMAE(nnx.Module):
   def len_keep(self) -> int:
     return masking.num_visible(self.num_patches, self.config.mask_ratio)
 
-  def _check_inputs(self, images: jax.Array, noise: jax.Array | None) -> jax.Array:
+  def _check_images(self, images: jax.Array) -> None:
     cfg = self.config
     expected = (cfg.img_size, cfg.img_size, cfg.in_chans)
     if images.ndim != 4 or tuple(images.shape[1:]) != expected:
       raise ValueError(f"images must be (N, {cfg.img_size}, {cfg.img_size}, {cfg.in_chans}) NHWC "
                        f"for this model (img_size={cfg.img_size}), got {tuple(images.shape)}")
+
+  def _check_inputs(self, images: jax.Array, noise: jax.Array | None) -> jax.Array:
+    self._check_images(images)
     n = images.shape[0]
     if noise is None:
       return jax.random.uniform(self.masking_rngs(), (n, self.num_patches), jnp.float32)
@@ -260,6 +265,25 @@ class ConvMAE(nnx.Module):
       x = blk(x)
     x = x + s1 + s2
     return self.norm(x), mask, ids_restore
+
+  def encode_unmasked(self, images: jax.Array) -> jax.Array:
+    """The encoder on whole images, no mask: stages 1–3 as the ConvViT classifier runs them (the
+    weights fine-tuning and linear probing start from), e.g. for a k-NN monitor of pretraining.
+
+    Args:
+      images: (N, S, S, C) normalized images, NHWC.
+    Returns:
+      the stage-3 tokens (N, L, D) in row-major grid order, in the compute dtype: the output of
+      the last transformer block, before the stage-1/2 fusion and `norm`, which only feed the
+      decoder. Draws no randomness and leaves `__call__` and `encode` unchanged.
+    """
+    self._check_images(images)
+    _, _, x = unmasked_conv_stages(self, images)
+    n, g, _, d = x.shape
+    x = self.patch_embed4(x.reshape(n, g * g, d)) + self.pos_embed[...].astype(x.dtype)
+    for blk in self.blocks3:
+      x = blk(x)
+    return x
 
   def decode(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
     """latent (N, K, D) in ids_keep order → per-patch predictions (N, L, P²·C)."""

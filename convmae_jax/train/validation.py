@@ -144,6 +144,42 @@ def _check_mesh_batch_steps(config, num_devices: int, process_count: int) -> tup
   return mesh_shape
 
 
+def _int_at_least(config, name: str, default: int, minimum: int, accepted: str) -> int:
+  value = config.get(name, default)
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    raise ConfigError(f"config.{name}={value!r} is not accepted: expected {accepted}.")
+  return value
+
+
+def _check_knn(config, mesh_shape: tuple[int, int], process_count: int) -> None:
+  """The k-NN monitor's fields (``knn_*``, configs/pretrain.py); the dataset only when it is on."""
+  every = _int_at_least(config, "knn_every_steps", 0, 0,
+                        "an integer >= 0 (steps between k-NN evaluations; 0 = off)")
+  _int_at_least(config, "knn_k", 20, 1, "an integer >= 1 (neighbours per query; DINO uses 20)")
+  temperature = config.get("knn_temperature", 0.07)
+  if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+      or not math.isfinite(float(temperature)) or float(temperature) <= 0):
+    raise ConfigError(f"config.knn_temperature={temperature!r} is not accepted: expected a number "
+                      "> 0 (votes are exp(cosine similarity / temperature); DINO uses 0.07).")
+  for name in ("knn_reference_per_class", "knn_query_per_class"):
+    _int_at_least(config, name, 10, 1, "an integer >= 1 (examples of each class)")
+  batch = _int_at_least(config, "knn_batch_size", 256, 1, "a positive integer (global batch)")
+  data_parallel = mesh_shape[0] * mesh_shape[1]
+  if batch % data_parallel or batch % process_count:
+    raise ConfigError(f"config.knn_batch_size={batch} is not accepted: expected a multiple of the "
+                      f"{data_parallel} data-parallel devices and the {process_count} processes.")
+  for name in ("knn_reference_split", "knn_query_split"):
+    split = config.get(name, "")
+    if not isinstance(split, str) or not split.strip():
+      raise ConfigError(f"config.{name}={split!r} is not accepted: expected a TFDS split such as "
+                        "'train', 'validation' or 'test'.")
+  dataset = config.get("knn_dataset", "")
+  if every > 0 and dataset and not _is_registered_dataset(dataset):
+    raise ConfigError(f"config.knn_dataset={dataset!r} is not a known dataset; accepted: \"\" (the "
+                      "pretraining dataset), 'imagenet2012', 'convmae_demo_digits' or another TFDS "
+                      "image classification dataset name.")
+
+
 def validate_config(config, *, num_devices: int | None = None,
                     process_count: int | None = None) -> RunPlan:
   """Checks a pretraining config; raises ValueError before any compute. Returns the resolved plan."""
@@ -178,6 +214,7 @@ def validate_config(config, *, num_devices: int | None = None,
     raise ConfigError(f"config.dtype={config.dtype!r} is not accepted; use one of {list(DTYPES)}.")
 
   mesh_shape = _check_mesh_batch_steps(config, num_devices, process_count)
+  _check_knn(config, mesh_shape, process_count)
 
   # The model's own checks (sizes, heads, ...), still without building anything.
   overrides = model_overrides(config)

@@ -4,5 +4,7 @@ its own scalars and outputs.
 
 * ``classification.TopKEvaluator`` -- top-1 / top-5 / loss on a labelled split, best checkpoint kept;
 * ``reconstruction.ReconstructionFigure`` -- original | masked | reconstruction grids of fixed
-  held-out images.
+  held-out images;
+* ``knn.KnnMonitor`` -- weighted k-NN top-1 of the pretraining encoder's unmasked, pooled
+  embeddings of fixed class-balanced subsets of a labelled dataset.
 """
