@@ -260,3 +260,18 @@ def test_pretraining_optimizer_unchanged():
   np.testing.assert_allclose(updates["w"], -1e-2 * (1.0 + 0.05 * 0.5), rtol=1e-6)
   np.testing.assert_allclose(updates["b"], 1e-2, rtol=1e-6)
   assert jax.tree.map(bool, optim.weight_decay_mask(params)) == {"w": True, "b": False}
+
+
+def test_schedule_numbers_are_arguments_not_constants():
+  """The step takes the schedule's numbers as an argument: two schedules that differ in lr, warmup
+  and length trace to the same program, and its values equal the schedule's own (to 1 ulp)."""
+  a = optim.warmup_cosine_schedule(peak_lr=2.4e-3, warmup_steps=12.5, total_steps=500, min_lr=0.0)
+  b = optim.warmup_cosine_schedule(peak_lr=1e-3, warmup_steps=5.5, total_steps=100, min_lr=1e-6)
+  trace = lambda s: str(jax.make_jaxpr(lambda step, h: s(step, h))(jnp.int32(3), s.hparams()))
+  assert trace(a) == trace(b)
+  steps = jnp.arange(0, 503)
+  with_args = jax.jit(lambda st, h: jax.vmap(lambda x: a(x, h))(st))(steps, a.hparams())
+  np.testing.assert_allclose(np.asarray(with_args), np.asarray(jax.vmap(a)(steps)), rtol=2e-7,
+                             atol=0)
+  assert float(with_args[0]) == 0.0 and float(with_args[500]) == 0.0
+  np.testing.assert_allclose(float(with_args[12]), 2.4e-3 * 12 / 12.5, rtol=1e-6)
