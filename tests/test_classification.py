@@ -152,6 +152,19 @@ def test_labelled_stream_resumes_and_evaluation_counts_every_example_once(env):
   assert np.all(last["image"][last["valid"] == 0] == 0)
 
 
+def test_labelled_stream_without_flip_keeps_the_crops_unmirrored(env):
+  """hflip=False (the digits demos): each image is the flipped stream's one or its mirror."""
+  kw = dict(split="train", global_batch_size=16, image_size=32, seed=3, process_index=0,
+            process_count=1, recipe="linprobe")
+  a, b = (cls_data.create_train_dataset(DIGITS, hflip=flip, **kw) for flip in (True, False))
+  flipped = np.concatenate([next(a)["image"] for _ in range(3)])
+  plain = np.concatenate([next(b)["image"] for _ in range(3)])
+  mirrored = np.array([np.array_equal(x[:, ::-1], y) and not np.array_equal(x, y)
+                       for x, y in zip(flipped, plain)])
+  same = np.array([np.array_equal(x, y) for x, y in zip(flipped, plain)])
+  assert np.all(same | mirrored) and 12 <= mirrored.sum() <= 36, (same.sum(), mirrored.sum())
+
+
 def test_label_info_refuses_a_dataset_without_labels(env, monkeypatch):
   import tensorflow_datasets as tfds
 

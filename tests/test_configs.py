@@ -42,7 +42,7 @@ def test_config_modules_and_command_line_files_match():
 @pytest.mark.parametrize("name,arg", [
     ("pretrain", None), ("pretrain", "large"), ("demo", None), ("finetune", None),
     ("finetune", "small"), ("linprobe", "tiny"), ("evaluate", "large"), ("demo_finetune", None),
-    ("demo_linprobe", None)])
+    ("demo_linprobe", None), ("demo_digits", None)])
 def test_command_line_file_gives_the_package_config(name, arg):
   path = os.path.join(ROOT, "configs", f"{name}.py") + (f":{arg}" if arg else "")
   assert load_config_file(path).to_dict() == configs.get_config(name, arg).to_dict()
@@ -51,7 +51,7 @@ def test_command_line_file_gives_the_package_config(name, arg):
 def test_get_config_by_name():
   assert configs.get_config("finetune", "large").model == "convvit_large"
   assert configs.get_config("demo_linprobe").job == "linprobe"
-  with pytest.raises(ValueError, match=r"'demo\.py'; available: pretrain, fastconvmae, demo, finetune"):
+  with pytest.raises(ValueError, match=r"'demo\.py'; available: pretrain, fastconvmae, demo, demo_digits, finetune"):
     configs.get_config("demo.py")
 
 
@@ -186,14 +186,15 @@ def test_model_kwargs_override_from_the_command_line():
 
 
 def test_every_field_the_training_code_reads_is_declared():
-  """config.get("x"), config.x and config["x"] in convmae_jax/train/*.py name declared fields."""
+  """config.get("x"), config.x and config["x"] in convmae_jax/train/ (its jobs and evaluators
+  included) name declared fields."""
   import glob
   import re
   declared = set()
   for name in ("pretrain", "finetune", "linprobe"):
     declared |= set(configs.get_config(name).keys())
   read = set()
-  for path in glob.glob(os.path.join(ROOT, "convmae_jax", "train", "*.py")):
+  for path in glob.glob(os.path.join(ROOT, "convmae_jax", "train", "**", "*.py"), recursive=True):
     with open(path) as f:
       src = f.read()
     read |= set(re.findall(r"config\.get\(\"([a-z_0-9]+)\"", src))

@@ -143,6 +143,18 @@ def test_deterministic_and_resumable(demo_dir):
   assert not np.allclose(ref[0], ref[1])
 
 
+def test_hflip_off_keeps_the_same_crops_unmirrored(demo_dir):
+  """hflip=False (digits, text): every image is the hflip=True one or its mirror, the same crop,
+  never mirrored; with the flip on about half of them are."""
+  kw = _kw(demo_dir, global_batch_size=16, image_size=32)
+  flipped = np.concatenate(_batches(data.create_pretrain_dataset(DEMO, **kw), 4))
+  plain = np.concatenate(_batches(data.create_pretrain_dataset(DEMO, hflip=False, **kw), 4))
+  same = np.array([np.array_equal(a, b) for a, b in zip(flipped, plain)])
+  mirrored = np.array([np.array_equal(a[:, ::-1], b) for a, b in zip(flipped, plain)])
+  assert np.all(same | mirrored)
+  assert 16 <= mirrored.sum() <= 48 and 16 <= same.sum() <= 48, (same.sum(), mirrored.sum())
+
+
 def test_resume_far_away_is_cheap(demo_dir):
   # Whole epochs are never re-read or decoded: resuming at step 10**7 costs about as much as
   # starting (at most one epoch of still-encoded examples is skipped).

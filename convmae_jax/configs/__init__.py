@@ -3,6 +3,7 @@
   pretrain        ConvMAE pretraining on ImageNet-1k, the official recipe (arg: model size)
   fastconvmae     FastConvMAE pretraining (complementary masks), its published recipe (arg: size)
   demo            a tiny ConvMAE on the embedded photos, about a minute on a CPU
+  demo_digits     a tiny ConvMAE on the embedded digits (labels unused), k-NN monitor on them
   finetune        fine-tuning a pretrained encoder (ConvViT) on ImageNet-1k (arg: model size)
   linprobe        linear probing of a pretrained encoder on ImageNet-1k (arg: model size)
   evaluate        top-1/top-5/loss of a classifier on a split (arg: model size)
@@ -24,7 +25,8 @@ import importlib
 
 import ml_collections
 
-NAMES = ("pretrain", "fastconvmae", "demo", "finetune", "linprobe", "evaluate", "demo_finetune", "demo_linprobe")
+NAMES = ("pretrain", "fastconvmae", "demo", "demo_digits", "finetune", "linprobe", "evaluate",
+         "demo_finetune", "demo_linprobe")
 
 
 def get_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:

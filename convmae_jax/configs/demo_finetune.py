@@ -1,17 +1,21 @@
-r"""Fine-tuning the demo's tiny encoder on the embedded handwritten digits: a few minutes on a laptop
-CPU, nothing to download.
+r"""Fine-tuning the digits demo's tiny encoder on the embedded handwritten digits: under two minutes
+on a laptop CPU, nothing to download.
 
-    python main.py --config=configs/demo.py --workdir=/tmp/convmae_demo            # pretrain first
-    python main.py --config=configs/demo_finetune.py --workdir=/tmp/convmae_demo_ft \
-      --config.init_from=/tmp/convmae_demo
-    # the same from random initialisation, for comparison:
-    python main.py --config=configs/demo_finetune.py --workdir=/tmp/convmae_demo_ft_scratch
+    python main.py --config=configs/demo_digits.py --workdir=/tmp/convmae_digits   # pretrain first
+    python main.py --config=configs/demo_finetune.py --workdir=/tmp/convmae_digits_ft \
+      --config.init_from=/tmp/convmae_digits
+    # the same recipe from random initialisation, for comparison:
+    python main.py --config=configs/demo_finetune.py --workdir=/tmp/convmae_digits_ft_scratch
 
-The digits (scikit-learn's 1,797 8x8 digits, TFDS ``convmae_demo_digits``: 1,437 train / 360 test,
-built offline on first use) are fed at 64 px, so the encoder pretrained at 96 px (6x6 tokens) gets
-its position embedding resized to 4x4 tokens. The recipe is the official one (layer decay,
-mixup/cutmix, RandAugment, random erasing, drop path) at a small batch and a higher lr. Measured
-top-1 on the 360 test digits is in README ("Fine-tuning and linear probing").
+Any pretraining workdir works as ``init_from`` (the photos demo's too: its 96-px position
+embedding is resized to the 4x4 tokens of 64 px). The digits (scikit-learn's 1,797 8x8 digits,
+TFDS ``convmae_demo_digits``: 1,437 train / 360 test, built offline on first use) are fed at 64 px.
+
+Fitted to 8x8 digits (the ImageNet recipe, configs/finetune.py, stays official): crops that keep
+most of the digit, no horizontal flip, no RandAugment / random erasing / mixup / cutmix (they slow
+a 250-step run on small grey digits more than they help), layer decay 0.75, label smoothing and
+drop path as the recipe. Expected top-1 on the 360 test digits: 98.3% from the digits pretraining
+demo, 91.7% from random initialisation (README, "On a laptop").
 """
 
 import ml_collections
@@ -30,13 +34,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dtype = "float32"             # bfloat16 is no faster on CPUs
   c.batch_size = 64
   c.eval_batch_size = 120
-  c.num_train_steps = 400
-  c.warmup_steps = 40
+  c.num_train_steps = 250
+  c.warmup_steps = 25
   c.blr = 4e-3                    # lr 1e-3 at batch 64
   c.layer_decay = 0.75
-  c.crop_scale = (0.35, 1.0)      # digits fill the frame: smaller crops cut them off
-  c.checkpoint_every_steps = 200
+  c.crop_scale = (0.5, 1.0)       # digits fill the frame: smaller crops cut them off
+  c.hflip = False                 # a mirrored 2, 3 or 7 is not a digit
+  # ImageNet's regularisers (RandAugment, random erasing, mixup/cutmix) make 250 steps on 1,437
+  # small grey digits learn slowly; label smoothing and drop path stay.
+  c.rand_augment = ""
+  c.reprob = 0.0
+  c.mixup = 0.0
+  c.cutmix = 0.0
+  c.mixup_prob = 0.0
+  c.checkpoint_every_steps = 250
   c.keep_checkpoints = 2
   c.log_every_steps = 50
-  c.eval_every_steps = 100
+  c.eval_every_steps = 50
   return c

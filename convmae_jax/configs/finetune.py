@@ -59,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_split = "validation"
   c.num_train_examples = -1       # for epochs -> steps; -1 = read from the dataset info
   c.crop_scale = (0.08, 1.0)      # RandomResizedCrop area range
+  c.hflip = True                  # random horizontal flip (p=1/2); False for digits, text, ...
   c.rand_augment = "rand-m9-mstd0.5-inc1"   # timm RandAugment spec; "" = off
   c.reprob = 0.25                 # random erasing probability (per-pixel noise, one box); 0 = off
   c.crop_pct = 0.875              # eval: resize short side to image_size / crop_pct, center crop

@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train_split = "train"
   c.eval_split = ""               # held-out images for the figure; "" = "validation" or else "test"
   c.crop_scale = (0.2, 1.0)
+  c.hflip = True                  # random horizontal flip (p=1/2); False for digits, text, ...
   c.num_train_examples = -1       # for epochs -> steps; -1 = read from the dataset info
   c.prefetch = 2                  # batches assembled on the devices ahead of the step
 

@@ -593,6 +593,7 @@ def create_pretrain_dataset(
     ratio: Sequence[float] = DEFAULT_RATIO,
     prefetch: int = 2,
     threads: int | None = None,
+    hflip: bool = True,
 ) -> PretrainIterator:
   """Infinite iterator of this process's pretraining batches (numpy).
 
@@ -604,7 +605,8 @@ def create_pretrain_dataset(
   ``split``. Deterministic given (seed, process_index, process_count) and resumable:
   ``start_step=k`` yields exactly the batches ``k, k+1, ...`` of the ``start_step=0`` sequence.
 
-  ``augment=True``: RandomResizedCrop(image_size, scale, ratio, bicubic) + horizontal flip;
+  ``augment=True``: RandomResizedCrop(image_size, scale, ratio, bicubic) + horizontal flip (p=1/2;
+  ``hflip=False`` for images that a mirror changes, such as digits: the crops stay the same);
   ``augment=False``: central square crop resized to image_size (shuffling unchanged).
   ``shuffle_buffer``: examples (still JPEG-encoded, ~110 KB each for ImageNet) in the per-epoch
   shuffle buffer. ``threads``: size of a private tf.data thread pool (None: tf.data's default,
@@ -644,8 +646,9 @@ def create_pretrain_dataset(
       crop = _decode_and_crop(image_bytes, lambda h, w: _random_resized_crop_box(
           h, w, k_crop, scale, ratio))
       img = _resize_normalize(crop, image_size)
-      flip = tf.random.stateless_uniform([], seed=k_flip) < 0.5
-      img = tf.cond(flip, lambda: tf.reverse(img, axis=[1]), lambda: img)
+      if hflip:
+        flip = tf.random.stateless_uniform([], seed=k_flip) < 0.5
+        img = tf.cond(flip, lambda: tf.reverse(img, axis=[1]), lambda: img)
     else:
       img = _resize_normalize(_decode_and_crop(image_bytes, _center_square_box), image_size)
     return {"image": img}

@@ -176,7 +176,7 @@ class Classify(Job):
         process_index=jax.process_index(), process_count=jax.process_count(),
         data_dir=config.get("data_dir") or None, start_step=start_step,
         scale=tuple(config.crop_scale), rand_augment=config.get("rand_augment", "") or "",
-        reprob=config.get("reprob", 0.0))
+        reprob=config.get("reprob", 0.0), hflip=config.get("hflip", True))
 
   def checkpoint_meta(self) -> dict:
     return {"job": self.config.job}

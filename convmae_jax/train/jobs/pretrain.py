@@ -140,7 +140,8 @@ class Pretrain(Job):
         config.dataset, split=config.train_split, global_batch_size=config.batch_size,
         image_size=config.image_size, seed=config.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), data_dir=config.get("data_dir") or None,
-        start_step=start_step, augment=True, scale=tuple(config.crop_scale))
+        start_step=start_step, augment=True, scale=tuple(config.crop_scale),
+        hflip=config.get("hflip", True))
 
   def summary(self, result: TrainResult, setup: Setup) -> None:
     first, last = min(result.losses), max(result.losses)
