@@ -36,7 +36,7 @@ def jax_step(job, args):
   model = models.create(args.model, rngs=nnx.Rngs(0), img_size=args.img_size, num_classes=1000,
                         drop_path_rate=0.1 if job == "finetune" else 0.0,
                         global_pool=job == "finetune", head_batchnorm=job == "linprobe",
-                        dtype=args.dtype)
+                        dtype=args.dtype, dwconv_impl=getattr(args, "dwconv_impl", "auto"))
   trainable = trainable_filter(job)
   graphdef, params, rest = nnx.split(model, trainable, ...)
   cfg = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, weight_decay=0.05, layer_decay=0.65,
@@ -99,6 +99,8 @@ def main():
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--jobs", default="finetune,linprobe")
+  ap.add_argument("--dwconv_impl", default="auto", choices=("auto", "shift", "lax"),
+                  help="the JAX model's depthwise conv (auto: shift on CPU)")
   ap.add_argument("--grad_barrier", default="on", choices=("on", "off"),
                   help="off: layers.grad_barrier becomes the plain identity (to measure what it saves)")
   args = ap.parse_args()
@@ -132,7 +134,8 @@ def main():
     j_med, t_med = statistics.median(jt), statistics.median(tt)
     print(json.dumps({
         "job": job, "model": args.model, "img_size": args.img_size, "batch": args.batch,
-        "jax_dtype": args.dtype, "grad_barrier": args.grad_barrier, "backend": jax.default_backend(),
+        "jax_dtype": args.dtype, "dwconv_impl": args.dwconv_impl, "grad_barrier": args.grad_barrier,
+        "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind), "cpu": hostinfo.cpu_name(),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "jax_step_s": round(j_med, 4), "torch_step_s": round(t_med, 4),

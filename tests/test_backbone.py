@@ -287,7 +287,9 @@ def test_remat_and_bfloat16():
   assert abs(float(l0) - float(l1)) <= 1e-6 * abs(float(l0))
   assert max(float(jnp.max(jnp.abs(a - b)))
              for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1))) <= 1e-5
-  assert 0 < kept[True] < 0.2 * kept[False], kept
+  # (342 kB against 1.6 MB; before the depthwise conv's written-out backward, which keeps its
+  # input instead of 25 shifted slices, the dense side kept 2.7 MB.)
+  assert 0 < kept[True] < 0.25 * kept[False], kept
   feats = {}
   for dtype in ("float32", "bfloat16"):
     m = models.create("convvit_vitdet_tiny", rngs=nnx.Rngs(0), dtype=dtype, **kw)

@@ -74,3 +74,36 @@ def test_xla_flags_lines(tmp_path):
   assert ref["speed_vs_defaults"] == 1.0 and ref["loss_vs_defaults"] == 0.0
   assert ref["step_s_median"] > 0 and ref["cpu"] and "error" not in ref
   assert "error" in bad and "step_s_median" not in bad
+
+
+def test_op_profile_sorts_compiled_operations_into_categories():
+  """The op profiler's categories of a compiled program (one of each kind of work) and of ATen
+  operator names."""
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import op_profile
+
+  def f(x, w, k):
+    y = jnp.exp(x @ w)                                                  # matmul, transcendental
+    z = jax.lax.conv_general_dilated(y.reshape(2, 4, 4, 8), k, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     feature_group_count=8)            # depthwise
+    return jnp.sum(z, axis=(1, 2)), jnp.transpose(x)                     # reduction, transpose
+
+  args = (jnp.ones((32, 16)), jnp.ones((16, 8)), jnp.ones((5, 5, 1, 8)))
+  text = jax.jit(f).lower(*args).compile().as_text()
+  index = op_profile.hlo_index([text])
+  categories = {category for category, _, _ in index.values()}
+  assert {"matmul", "depthwise_conv", "reduction"} <= categories, index
+  assert categories <= set(op_profile.CATEGORIES)
+  # Every instruction of the entry computation is indexed by the name the profiler reports.
+  entry = [line.split("=")[0].strip().removeprefix("ROOT ").lstrip("%")
+           for line in text.split("ENTRY", 1)[1].splitlines()[1:] if " = " in line]
+  assert entry and all(name in index for name in entry), (entry, sorted(index))
+  names = {"aten::mm": "matmul", "aten::addmm": "matmul", "aten::convolution_backward": "convolution",
+           "aten::mkldnn_convolution": "convolution", "aten::gelu_backward": "transcendental",
+           "aten::_softmax": "transcendental", "aten::native_layer_norm": "reduction",
+           "aten::sum": "reduction", "aten::add_": "elementwise", "aten::mul": "elementwise",
+           "aten::copy_": "copy_transpose", "aten::transpose": "copy_transpose",
+           "aten::_foreach_mul_": "optimizer", "aten::index_select": "gather_scatter"}
+  assert {n: op_profile.torch_category(n) for n in names} == names

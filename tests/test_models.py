@@ -221,12 +221,35 @@ def test_visible_only_stages_equal_dense(size, ratio):
 
 
 def test_depthwise_impls_agree():
+  """Outputs and gradients: the shift conv (with its written-out backward), autodiff of its taps
+  and XLA's grouped conv; a non-square map so that no transposition goes unnoticed."""
   key = jax.random.key(0)
-  x = jax.random.normal(key, (2, 12, 12, 8))
+  x = jax.random.normal(key, (2, 12, 9, 8))
   k = jax.random.normal(jax.random.key(1), (5, 5, 1, 8))
+  g = jax.random.normal(jax.random.key(2), (2, 12, 9, 8))
   a = layers.depthwise_conv_shift(x, k)
   b = layers.depthwise_conv_lax(x, k)
   assert float(jnp.max(jnp.abs(a - b))) < 1e-5
+  grads = {name: jax.grad(lambda x, k: jnp.sum(f(x, k) * g), argnums=(0, 1))(x, k)
+           for name, f in (("shift", layers.depthwise_conv_shift), ("lax", layers.depthwise_conv_lax),
+                           ("autodiff", layers._shift_taps))}
+  for name in ("lax", "autodiff"):
+    for got, want, tol in zip(grads["shift"], grads[name], (1e-5, 1e-4)):   # dx, dkernel
+      assert got.shape == want.shape
+      assert float(jnp.max(jnp.abs(got - want))) <= tol * float(jnp.max(jnp.abs(want))), name
+  # 'VALID' on halo windows (the visible-only path): (6, 8, 7) windows -> (6, 4, 3) outputs.
+  w = jax.random.normal(jax.random.key(3), (6, 8, 7, 8))
+  gv = jax.random.normal(jax.random.key(4), (6, 4, 3, 8))
+  lax_valid = lambda w, k: jax.lax.conv_general_dilated(
+      w, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=8)
+  assert float(jnp.max(jnp.abs(layers.depthwise_conv_valid(w, k) - lax_valid(w, k)))) < 1e-5
+  grads = {name: jax.grad(lambda w, k: jnp.sum(f(w, k) * gv), argnums=(0, 1))(w, k)
+           for name, f in (("shift", layers.depthwise_conv_valid), ("lax", lax_valid),
+                           ("autodiff", layers._valid_taps))}
+  for name in ("lax", "autodiff"):
+    for got, want, tol in zip(grads["shift"], grads[name], (1e-5, 1e-4)):
+      assert got.shape == want.shape
+      assert float(jnp.max(jnp.abs(got - want))) <= tol * float(jnp.max(jnp.abs(want))), name
 
 
 # ---------------------------------------------------------------------------------------------
