@@ -79,6 +79,17 @@ def validate_segmentation_config(config, *, num_devices: int | None = None,
   if config.dtype not in validation.DTYPES:
     raise ConfigError(f"config.dtype={config.dtype!r} is not accepted; use one of "
                       f"{list(validation.DTYPES)}.")
+  kwargs = {k: v for k, v in dict(config.get("model_kwargs", None) or {}).items() if v is not None}
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  kwargs.update({m: config[c] for m, c in _BACKBONE_FROM_CONFIG.items()})
+  try:
+    backbone = models.config_for(config.model, **kwargs)
+    head = upernet.head_config_from({k: config[k] for k in _HEAD_FIELDS})
+    upernet.check_backbone_fits(backbone)
+  except TypeError as e:
+    raise ConfigError(f"config.model_kwargs: {e}") from None
+  except ValueError as e:
+    raise ConfigError(f"model {config.model} with crop_size={config.crop_size}: {e}") from None
   mesh_shape = validation._check_mesh_batch_steps(config, num_devices, process_count)
   validation._positive_int(config, "eval_every_steps", allow_unset=True)
   validation._positive_int(config, "eval_batch_size")
@@ -113,17 +124,6 @@ def validate_segmentation_config(config, *, num_devices: int | None = None,
   if not 0.0 < float(config.cat_max_ratio) <= 1.0:
     raise ConfigError(f"config.cat_max_ratio={config.cat_max_ratio!r} must lie in (0, 1] (1 = off).")
 
-  kwargs = {k: v for k, v in dict(config.get("model_kwargs", None) or {}).items() if v is not None}
-  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-  kwargs.update({m: config[c] for m, c in _BACKBONE_FROM_CONFIG.items()})
-  try:
-    backbone = models.config_for(config.model, **kwargs)
-    head = upernet.head_config_from({k: config[k] for k in _HEAD_FIELDS})
-    upernet.check_backbone_fits(backbone)
-  except TypeError as e:
-    raise ConfigError(f"config.model_kwargs: {e}") from None
-  except ValueError as e:
-    raise ConfigError(f"model {config.model} with crop_size={crop}: {e}") from None
   return validation.RunPlan(mesh_shape=mesh_shape, model_overrides=kwargs,
                             model_config=SegmentorPlan(backbone, head))
 
