@@ -64,6 +64,7 @@ __all__ = [
     "num_examples",
     "to_uint8",
     "demo_digits",
+    "demo_segments",
     "DEMO_DIGITS",
     "EMBEDDED_DATASETS",
 ]
