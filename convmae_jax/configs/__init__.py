@@ -9,6 +9,8 @@
   evaluate        top-1/top-5/loss of a classifier on a split (arg: model size)
   demo_finetune   fine-tuning the demo encoder on the embedded digits
   demo_linprobe   linear probing of the demo encoder on the embedded digits
+  segment         UperNet semantic segmentation on ADE20K (scene_parse150), official recipe (arg: size)
+  demo_segment    UperNet on the embedded digits-on-photos segmentation demo
 
 On the command line they are the files of the repository's ``configs/`` folder
 (``python main.py --config=configs/pretrain.py:large ...``), which re-export these modules. In
@@ -26,7 +28,7 @@ import importlib
 import ml_collections
 
 NAMES = ("pretrain", "fastconvmae", "demo", "demo_digits", "finetune", "linprobe", "evaluate",
-         "demo_finetune", "demo_linprobe")
+         "demo_finetune", "demo_linprobe", "segment", "demo_segment")
 
 
 def get_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:

@@ -13,12 +13,14 @@ Public API::
     data.IMAGENET_MEAN, data.IMAGENET_STD, data.denormalize(x), data.to_uint8(x)
 
 Importing this package registers the TFDS datasets ``convmae_demo_photos`` (see `demo_photos`) and
-``convmae_demo_digits`` (labelled digits, see `demo_digits`); `get_builder` prepares either offline
+``convmae_demo_digits`` (labelled digits, see `demo_digits`) and ``convmae_demo_segments`` (digits
+pasted on photos, labelled per pixel, see `demo_segments`); `get_builder` prepares either offline
 when missing. It does not import TensorFlow; the first pipeline call does.
 """
 
 from convmae_jax.data import demo_photos
 from convmae_jax.data import demo_digits
+from convmae_jax.data import demo_segments
 from convmae_jax.data.demo_photos import ConvmaeDemoPhotos
 from convmae_jax.data.pipeline import (
     BAD_KEY,
@@ -62,6 +64,7 @@ __all__ = [
     "num_examples",
     "to_uint8",
     "demo_digits",
+    "demo_segments",
     "DEMO_DIGITS",
     "EMBEDDED_DATASETS",
 ]

@@ -35,14 +35,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from convmae_jax.data import demo_digits, demo_photos
+from convmae_jax.data import demo_digits, demo_photos, demo_segments
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 DEMO_DATASET = demo_photos.NAME
 # Datasets built offline from files pip packages ship; get_builder prepares them when missing.
-EMBEDDED_DATASETS = (demo_photos.NAME, demo_digits.NAME)
+EMBEDDED_DATASETS = (demo_photos.NAME, demo_digits.NAME, demo_segments.NAME)
 DEFAULT_SHUFFLE_BUFFER = 10_000
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _MAX_EPOCHS = 2**40  # "infinite"

@@ -23,6 +23,7 @@ from convmae_jax.models.convvit import ConvViT, drop_path_rates
 from convmae_jax.models.layers import FrozenPosEmbed
 from convmae_jax.models.masking import random_masking, upsample_mask, num_visible
 from convmae_jax.models.pos_embed import resize_pos_embed, sincos_2d
+from convmae_jax.models.upernet import HeadConfig, Segmentor, create_segmentor
 
 _FAMILIES = {"convmae": (ConvMAE, ConvMAEConfig), "convvit": (ConvViT, ConvViTConfig),
              **{f"convvit_{p}": (ConvViTBackbone, BackboneConfig) for p in BACKBONE_PRESETS}}
@@ -75,5 +76,5 @@ __all__ = [
     "ConvMAE", "ConvViT", "ConvMAEConfig", "ConvViTConfig", "EncoderConfig", "FrozenPosEmbed",
     "SIZES", "DECODER_SIZES", "config_for", "family", "count_params", "create", "drop_path_rates",
     "masked_patch_loss", "names", "num_visible", "patchify", "random_masking", "resize_pos_embed",
-    "sincos_2d", "unpatchify", "upsample_mask",
+    "sincos_2d", "unpatchify", "upsample_mask", "HeadConfig", "Segmentor", "create_segmentor",
 ]

@@ -106,6 +106,10 @@ class Job:
     return models.create(self.config.model, rngs=nnx.Rngs(self.config.seed),
                          **self.plan.model_overrides)
 
+  def make_schedule(self, total_steps: int, warmup_steps: float):
+    """The learning-rate schedule (default: linear warmup then half-cosine, ``schedule.py``)."""
+    return schedule_lib.make_schedule(self.config, total_steps, warmup_steps)
+
   def make_optimizer(self, schedule, abstract_params):
     raise NotImplementedError
 
@@ -164,13 +168,13 @@ def run(job: Job, workdir: str, *, on_log=None) -> TrainResult:
   graphdef_eval, _, _ = nnx.split(abstract_model, job.trainable, ...)
   workdir_lib.write_parameter_table(workdir_path, abstract_params, config.model,
                                     job.plan.model_config)
-  schedule = schedule_lib.make_schedule(config, total_steps, warmup_steps)
+  schedule = job.make_schedule(total_steps, warmup_steps)
   tx = job.make_optimizer(schedule, abstract_params)
   sh = sharding_lib.state_shardings(mesh, abstract_params, abstract_rest, tx)
   logging.info("%d steps (%.1f epochs of %s examples at global batch %d), warmup %.1f steps, "
                "peak lr %.3g.", total_steps, total_steps / steps_per_epoch if n_examples else float("nan"),
                n_examples, config.batch_size, warmup_steps,
-               optim.peak_learning_rate(config.blr, config.batch_size))
+               getattr(schedule, "peak_lr", optim.peak_learning_rate(config.blr, config.batch_size)))
   setup = Setup(workdir=workdir_path, writer=writer, shardings=sh, graphdef_eval=graphdef_eval,
                 abstract_model=abstract_model, total_steps=total_steps, end_step=end_step)
 

@@ -229,3 +229,87 @@ def make_lars_optimizer(config, schedule: Callable[[Any], jax.Array],
       # After the trace: mu accumulates raw (trust-scaled) gradients, as MoCo-v3's p -= lr * mu.
       optax.scale_by_learning_rate(schedule),
   )
+
+
+# ===================================== Segmentation (mmseg, spec §5.2) ==============================
+
+_SEG_LAYER0 = ("patch_embed", "blocks1", "blocks2", "pos_embed")
+
+
+def segmentation_layer_id(path: tuple, num_layers: int) -> int:
+  """Layer id of a :class:`~convmae_jax.models.upernet.Segmentor` parameter for the official
+  segmentation layer decay (spec §5.2): 0 for the backbone's ``patch_embed*``, ``blocks1``,
+  ``blocks2`` and ``pos_embed``; ``i + 1`` for ``backbone.blocks3[i]``; ``num_layers + 1`` (= 12 at
+  11 blocks, scale 1) for everything else (the backbone's ``fpn`` branch, both heads)."""
+  names = _path_names(path)
+  if len(names) >= 2 and str(names[0]) == "backbone":
+    sub = str(names[1])
+    if sub.startswith(_SEG_LAYER0):
+      return 0
+    if sub == "blocks3":
+      return int(names[2]) + 1
+  return num_layers + 1
+
+
+def segmentation_lr_scales(params: Any, layer_decay: float) -> Any:
+  """Per-parameter multiplier ``layer_decay ** (num_layers + 1 − layer_id)`` with num_layers =
+  len(blocks3) (mmseg's ``num_layers=11`` with ids 0..12): at 0.75 and 11 blocks, stages 1–2,
+  patch embeds and pos_embed 0.75¹² ≈ 0.0317, ``blocks3[i]`` 0.75^(11 − i), heads and ``fpn`` 1."""
+  blocks = {int(names[2]) for names in
+            (_path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+            if len(names) > 2 and names[0] == "backbone" and names[1] == "blocks3"}
+  num_layers = max(blocks) + 1 if blocks else 0
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: float(layer_decay) ** (num_layers + 1 - segmentation_layer_id(path, num_layers)),
+      params)
+
+
+def segmentation_decay_mask(params: Any) -> Any:
+  """True for decayed parameters: every one with ndim >= 2. The official rule (1-D parameters and
+  names ending in ``.bias`` exempt; its ``pos_embed`` exemption compares a bare name against
+  ``backbone.pos_embed`` and never fires) leaves pos_embed and the relative-position tables decayed."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_segmentation_optimizer(config, schedule: Callable[[Any], jax.Array],
+                                params: Any) -> optax.GradientTransformation:
+  """AdamW(b1, b2) with :func:`segmentation_decay_mask` and the update times
+  :func:`segmentation_lr_scales` (``config.layer_decay``), as mmseg's layer-decay param groups:
+  ``p -= lr(t) · scale · (adam + wd · p)``."""
+  scales = segmentation_lr_scales(params, config.layer_decay)
+  return optax.chain(
+      optax.adamw(learning_rate=schedule, b1=config.b1, b2=config.b2,
+                  eps=config.get("adam_eps", 1e-8), weight_decay=config.weight_decay,
+                  mask=segmentation_decay_mask(params)),
+      optax.stateless(lambda updates, _: jax.tree.map(lambda s, u: u * s, scales, updates)),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupPoly:
+  """mmcv's ``PolyLrUpdaterHook`` with linear warmup, per step t:
+  ``poly(t) = (peak − min_lr)·(1 − t / total)^power + min_lr`` and, for t < warmup,
+  ``poly(t) · (1 − (1 − t / warmup)·(1 − warmup_ratio))`` (mmcv scales the regular lr, so warmup
+  starts at ``warmup_ratio · peak``). ``schedule(step, hparams)`` as :class:`WarmupCosine`."""
+  peak_lr: float
+  warmup_steps: float
+  total_steps: int
+  min_lr: float = 0.0
+  power: float = 1.0
+  warmup_ratio: float = 1e-6
+
+  def hparams(self) -> dict[str, np.ndarray]:
+    return {"peak_lr": np.float32(self.peak_lr), "warmup": np.float32(self.warmup_steps),
+            "warmup_div": np.float32(max(float(self.warmup_steps), 1e-12)),
+            "total": np.float32(max(self.total_steps, 1)), "min_lr": np.float32(self.min_lr),
+            "power": np.float32(self.power), "warmup_ratio": np.float32(self.warmup_ratio)}
+
+  def __call__(self, step, hparams: Mapping[str, Any] | None = None) -> jax.Array:
+    h = self.hparams() if hparams is None else hparams
+    step = jnp.asarray(step, jnp.float32)
+    progress = jnp.clip(step / h["total"], 0.0, 1.0)
+    poly = (h["peak_lr"] - h["min_lr"]) * (1.0 - progress) ** h["power"] + h["min_lr"]
+    # 1 − (1 − t/W)(1 − r) written as r + (1 − r)·t/W: the same number without float32's
+    # cancellation (at t = 0 it is r exactly, not 1 − 0.999999).
+    factor = h["warmup_ratio"] + (1.0 - h["warmup_ratio"]) * step / h["warmup_div"]
+    return jnp.where(step < h["warmup"], poly * factor, poly)

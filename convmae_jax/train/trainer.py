@@ -3,6 +3,7 @@
     pretrain            jobs/pretrain.py   ConvMAE masked-image pretraining
     finetune, linprobe  jobs/classify.py   ConvViT fine-tuning / linear probing from a checkpoint
     evaluate            jobs/evaluate.py   a classifier checkpoint scored on a split
+    segment             jobs/segment.py    UperNet semantic segmentation from a checkpoint (mIoU)
 
 The training jobs run the one loop in ``loop.py``; each job module says only what differs.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 from convmae_jax.train.jobs import evaluate
 from convmae_jax.train.jobs.classify import Classify
 from convmae_jax.train.jobs.pretrain import Pretrain
+from convmae_jax.train.jobs.segment import Segment
 from convmae_jax.train.loop import TrainResult, run
 
 
@@ -28,4 +30,6 @@ def train_and_evaluate(config, workdir: str, *, on_log=None) -> TrainResult:
     return run(Pretrain(config), workdir, on_log=on_log)
   if job == "evaluate":
     return evaluate.run(config, workdir)
+  if job == "segment":
+    return run(Segment(config), workdir, on_log=on_log)
   return run(Classify(config), workdir, on_log=on_log)   # refuses a job it does not know

@@ -228,7 +228,7 @@ def validate_config(config, *, num_devices: int | None = None,
   return RunPlan(mesh_shape=mesh_shape, model_overrides=overrides, model_config=model_config)
 
 
-JOBS = ("pretrain", "finetune", "linprobe", "evaluate")
+JOBS = ("pretrain", "finetune", "linprobe", "evaluate", "segment")
 # Top-level classification config fields that set ConvViT fields.
 _CLASSIFIER_FIELDS_FROM_CONFIG = {"img_size": "image_size", "num_classes": "num_classes",
                                   "global_pool": "global_pool", "drop_path_rate": "drop_path_rate",

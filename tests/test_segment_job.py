@@ -1,0 +1,135 @@
+"""The segmentation job (``config.job = "segment"``) on the embedded ``convmae_demo_segments``: the
+demo dataset's labels, the train pipeline's steps, config errors before compute, a few training
+steps with mIoU reported and a resumed run equal to an uninterrupted one, a pretraining checkpoint
+as the starting backbone.
+
+CPU, a tiny UperNet (16/8 head channels) on 64-px crops, batch 4, 3 steps.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from convmae_jax import configs, data
+from convmae_jax.data import demo_segments
+from convmae_jax.data import segmentation as seg_data
+from convmae_jax.train import trainer
+from convmae_jax.train.errors import ConfigError
+
+DEMO = demo_segments.NAME
+
+
+def _tiny(**over):
+  c = configs.get_config("demo_segment")
+  c.channels = 16
+  c.aux_channels = 8
+  c.batch_size = 4
+  c.eval_batch_size = 8
+  c.eval_num_examples = 12
+  c.num_train_steps = 3
+  c.warmup_steps = 1
+  c.log_every_steps = 1
+  c.eval_every_steps = 3
+  c.checkpoint_every_steps = 1
+  c.async_checkpointing = False
+  c.prefetch = 1
+  for k, v in over.items():
+    c[k] = v
+  return c
+
+
+def test_demo_dataset_labels_and_fixed_content():
+  builder = data.get_builder(DEMO)
+  assert builder.info.splits["train"].num_examples == 600
+  assert builder.info.splits["test"].num_examples == 150
+  examples = seg_data.read_split(builder, "test", mask_key="annotation", num_examples=20)
+  counts = np.zeros(demo_segments.NUM_CLASSES, np.int64)
+  for image_bytes, mask_bytes in examples:
+    image, labels = seg_data.decode(image_bytes, mask_bytes)
+    assert image.shape == (64, 64, 3) and labels.shape == (64, 64)
+    counts += np.bincount(labels.ravel(), minlength=demo_segments.NUM_CLASSES)
+  assert counts.sum() == 20 * 64 * 64 and counts.size == 11            # labels 0..10 only
+  assert 0.6 < counts[0] / counts.sum() < 0.99                          # mostly background
+  assert np.count_nonzero(counts[1:]) >= 8                              # most digits appear
+  # The generator of example i is fixed: building a stored example again gives the same pixels.
+  import tensorflow_datasets as tfds
+  stored = next(iter(tfds.as_numpy(builder.as_dataset(split="test", shuffle_files=False).take(1))))
+  rng = np.random.default_rng((demo_segments.SEED, 1, int(stored["index"])))
+  image, labels = demo_segments.make_example(rng, demo_segments._photos("test"),
+                                             *demo_segments._digits("test"))
+  stored_image, stored_labels = seg_data.decode(*examples[0])
+  np.testing.assert_array_equal(stored["annotation"][..., 0], stored_labels)
+  np.testing.assert_array_equal(labels, stored_labels)
+  np.testing.assert_array_equal(image, stored_image)
+
+
+def test_train_pipeline_steps():
+  """reduce_zero_label, mmcv's rescale, cat_max_ratio and padding with the ignore index."""
+  labels = np.array([[0, 1, 2], [150, 255, 3]], np.uint8)
+  np.testing.assert_array_equal(seg_data.reduce_zero_label(labels),
+                                [[255, 0, 1], [149, 255, 2]])
+  assert seg_data.rescale_size(512, 683, (2048, 512)) == (512, 683)
+  assert seg_data.rescale_size(300, 1500, (2048, 512)) == (410, 2048)   # the long side binds
+  assert seg_data.rescale_size(512, 683, (2048, 512), 0.5) == (256, 342)
+  # cat_max_ratio: a map that is 75% class 1 and 25% class 2 (top-left): the kept crop (one
+  # exists among the draws) has its largest class under the ratio.
+  lab = np.ones((64, 64), np.uint8)
+  lab[:32, :32] = 2
+  image = np.zeros((64, 64, 3), np.uint8)
+  for seed in range(5):
+    _, crop = seg_data.random_crop(np.random.default_rng(seed), image, lab, (32, 32), 0.75)
+    _, counts = np.unique(crop, return_counts=True)
+    assert crop.shape == (32, 32) and counts.max() / counts.sum() < 0.75
+  # A small image is padded to the crop: 0 pixels around, 255 labels.
+  builder = data.get_builder(DEMO)
+  ex = seg_data.read_split(builder, "train", mask_key="annotation", num_examples=1)[0]
+  img, lab = seg_data.train_example(*ex, np.random.default_rng(0), crop=(96, 96), scale=(64, 64),
+                                    ratio_range=(1.0, 1.0), cat_max_ratio=1.0, reduce_zero=False)
+  assert img.shape == (96, 96, 3) and lab.shape == (96, 96)
+  assert np.all(lab[64:] == 255) and np.all(lab[:, 64:] == 255) and np.all(img[64:] == 0)
+  assert np.all(lab[:64, :64] <= 10)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_classes", 12, "num_classes=12 does not match"),
+    ("mask_key", "segmentation", "no per-pixel label map 'segmentation'"),
+    ("model", "convvit_vitdet_tiny", "not a segmentation backbone"),
+    ("crop_size", 40, "nearest accepted"),
+    ("eval_canvas", (48, 64), "smaller than the crop"),
+    ("eval_mode", "whole", None),
+])
+def test_config_errors_before_compute(tmp_path, field, value, match):
+  c = _tiny(**{field: value})
+  if field == "eval_mode":
+    c.eval_canvas = (64, 96)
+    match = "must equal"
+  with pytest.raises(ConfigError, match=match):
+    trainer.train_and_evaluate(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w" / "checkpoints").exists()            # nothing was written
+
+
+def test_train_reports_miou_and_resume_equals_uninterrupted(tmp_path):
+  full = trainer.train_and_evaluate(_tiny(), str(tmp_path / "full"))
+  assert full.step == 3 and sorted(full.losses) == [1, 2, 3]
+  scores = full.metrics[3]
+  assert 0.0 <= scores["eval_mIoU"] <= 100.0 and 0.0 <= scores["eval_aAcc"] <= 100.0
+  per_class = json.loads((tmp_path / "full" / "eval" / "step_000003.json").read_text())
+  assert per_class["mIoU"] == pytest.approx(scores["eval_mIoU"])
+  assert set(per_class["per_class"]) == set(demo_segments.CLASS_NAMES)
+  assert (tmp_path / "full" / "best").exists()
+
+  part = _tiny(stop_after_steps=2)
+  first = trainer.train_and_evaluate(part, str(tmp_path / "resumed"))
+  assert first.step == 2
+  second = trainer.train_and_evaluate(_tiny(), str(tmp_path / "resumed"))
+  assert second.step == 3
+  assert first.losses[1] == full.losses[1] and first.losses[2] == full.losses[2]
+  assert second.losses[3] == full.losses[3]
+  assert second.metrics[3]["eval_mIoU"] == scores["eval_mIoU"]
+  a = jax.tree.leaves(__import__("flax").nnx.state(full.model))
+  b = jax.tree.leaves(__import__("flax").nnx.state(second.model))
+  assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
