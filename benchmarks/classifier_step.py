@@ -90,6 +90,23 @@ def torch_step(job, args):
   return step
 
 
+def _variant_step(job, args, dwconv_backward: str, batch):
+  """jax_step with the depthwise conv's backward pass written out (the model's) or left to
+  autodiff of its K² taps (the formulation before it), traced and compiled by its first step here
+  (for an A/B in one process). Returns (step, state after step 0, compile seconds)."""
+  original = models.layers.depthwise_conv_shift
+  if dwconv_backward == "autodiff":
+    models.layers.depthwise_conv_shift = models.layers._shift_taps
+  try:
+    step, params, opt, rest = jax_step(job, args)
+    t0 = time.perf_counter()
+    params, opt, rest, m = step(params, opt, rest, batch, np.int32(0))
+    jax.block_until_ready(m)
+    return step, (params, opt, rest), time.perf_counter() - t0
+  finally:
+    models.layers.depthwise_conv_shift = original
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--model", default="convvit_base")
@@ -101,48 +118,60 @@ def main():
   ap.add_argument("--jobs", default="finetune,linprobe")
   ap.add_argument("--dwconv_impl", default="auto", choices=("auto", "shift", "lax"),
                   help="the JAX model's depthwise conv (auto: shift on CPU)")
+  ap.add_argument("--dwconv_backward", default="written",
+                  help="comma list of written (the model's), autodiff (autodiff of the shift conv's "
+                       "taps): the JAX variants, timed in turns with the twin")
   ap.add_argument("--grad_barrier", default="on", choices=("on", "off"),
                   help="off: layers.grad_barrier becomes the plain identity (to measure what it saves)")
   args = ap.parse_args()
+  variants = args.dwconv_backward.split(",")
+  if not variants or any(v not in ("written", "autodiff") for v in variants):
+    ap.error(f"--dwconv_backward {args.dwconv_backward!r} is not valid: expected a comma list of "
+             "written, autodiff")
   if args.grad_barrier == "off":
     models.layers.grad_barrier = lambda x: x
 
   rng = np.random.default_rng(0)
   images = rng.normal(size=(args.batch, args.img_size, args.img_size, 3)).astype(np.float32)
   target = rng.dirichlet(np.ones(1000), size=args.batch).astype(np.float32)
+  batch = {"image": jnp.asarray(images), "target": jnp.asarray(target)}
   for job in args.jobs.split(","):
-    step, params, opt, rest = jax_step(job, args)
-    batch = {"image": jnp.asarray(images), "target": jnp.asarray(target)}
-    t0 = time.perf_counter()
-    params, opt, rest, m = step(params, opt, rest, batch, np.int32(0))
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
+    sides, compile_s = {}, {}
+    for v in variants:
+      step, state, compile_s[v] = _variant_step(job, args, v, batch)
+      sides[v] = [step, state]
     tstep = torch_step(job, args)
     timg = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     ttarget = torch.from_numpy(target)
-    jt, tt = [], []
-    for i in range(args.warmup + args.steps):
+    times = {v: [] for v in variants}
+    tt = []
+    for i in range(args.warmup + args.steps):     # every side once per round, in turns
+      for v in variants:
+        step, (params, opt, rest) = sides[v]
+        t0 = time.perf_counter()
+        params, opt, rest, m = step(params, opt, rest, batch, np.int32(i + 1))
+        jax.block_until_ready(m)
+        sides[v][1] = (params, opt, rest)
+        if i >= args.warmup:
+          times[v].append(time.perf_counter() - t0)
       t0 = time.perf_counter()
-      params, opt, rest, m = step(params, opt, rest, batch, np.int32(i + 1))
-      jax.block_until_ready(m)
-      t1 = time.perf_counter()
       tstep(timg, ttarget)
-      t2 = time.perf_counter()
       if i >= args.warmup:
-        jt.append(t1 - t0)
-        tt.append(t2 - t1)
-    j_med, t_med = statistics.median(jt), statistics.median(tt)
-    print(json.dumps({
-        "job": job, "model": args.model, "img_size": args.img_size, "batch": args.batch,
-        "jax_dtype": args.dtype, "dwconv_impl": args.dwconv_impl, "grad_barrier": args.grad_barrier,
-        "backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind), "cpu": hostinfo.cpu_name(),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "jax_step_s": round(j_med, 4), "torch_step_s": round(t_med, 4),
-        "jax_images_per_s": round(args.batch / j_med, 2),
-        "torch_images_per_s": round(args.batch / t_med, 2),
-        "jax_vs_torch_speed": round(t_med / j_med, 2), "jax_compile_s": round(compile_s, 1)}),
-        flush=True)
+        tt.append(time.perf_counter() - t0)
+    t_med = statistics.median(tt)
+    for v in variants:
+      j_med = statistics.median(times[v])
+      print(json.dumps({
+          "job": job, "model": args.model, "img_size": args.img_size, "batch": args.batch,
+          "jax_dtype": args.dtype, "dwconv_impl": args.dwconv_impl, "dwconv_backward": v,
+          "grad_barrier": args.grad_barrier, "backend": jax.default_backend(),
+          "device": str(jax.devices()[0].device_kind), "cpu": hostinfo.cpu_name(),
+          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+          "jax_step_s": round(j_med, 4), "torch_step_s": round(t_med, 4),
+          "jax_images_per_s": round(args.batch / j_med, 2),
+          "torch_images_per_s": round(args.batch / t_med, 2),
+          "jax_vs_torch_speed": round(t_med / j_med, 2), "jax_compile_s": round(compile_s[v], 1)}),
+          flush=True)
 
 
 if __name__ == "__main__":
