@@ -37,9 +37,9 @@ def make_config(**overrides):
   return c
 
 
-def run(workdir, **overrides):
+def run(workdir, on_log=None, **overrides):
   with tfds.testing.mock_data(num_examples=16):
-    return trainer.train_and_evaluate(make_config(**overrides), str(workdir))
+    return trainer.train_and_evaluate(make_config(**overrides), str(workdir), on_log=on_log)
 
 
 def poison(monkeypatch, step: int, *, permanent: bool = False):
@@ -80,10 +80,13 @@ def reference(tmp_path_factory):
 def test_a_transient_fault_leaves_no_trace_in_the_losses(tmp_path, monkeypatch, reference, caplog):
   ref_dir, ref = reference
   opened = poison(monkeypatch, 3)
+  scalars = {}
   with caplog.at_level("WARNING"):
-    result = run(tmp_path / "run")
+    result = run(tmp_path / "run", on_log=scalars.__setitem__)
   assert opened == [0, 2]                           # the data reopened at the checkpoint's step
   assert result.step == STEPS and result.rolled_back == [(3, 2)] and result.rollbacks == 1
+  # The progress line's scalars (TensorBoard's): step 2 was logged before the rollback.
+  assert [scalars[s]["rollbacks"] for s in range(1, STEPS + 1)] == [0, 0, 1, 1, 1, 1]
   for s in range(1, STEPS + 1):                     # bit for bit, the faulty step included
     assert result.losses[s] == ref.losses[s], s
   for a, b in zip(arrays(ref_dir, STEPS), arrays(tmp_path / "run", STEPS)):
@@ -140,7 +143,10 @@ def test_float32_replay_then_bfloat16_again(tmp_path, monkeypatch, caplog):
     assert result.losses[s] == head.losses[s], s
   for s in (3, 4):                                  # replayed in float32
     assert result.losses[s] == pytest.approx(fp32.losses[s], rel=1e-6), s
-  assert abs(uninterrupted.losses[3] - fp32.losses[3]) > 1e-4   # the dtype makes a difference
+  # From the same state, bfloat16 gives another step-3 loss (1.06190 vs 1.06191 when measured);
+  # the replay is ten times closer to float32 than that at least.
+  gap = abs(uninterrupted.losses[3] - fp32.losses[3])
+  assert gap > 0 and abs(result.losses[3] - fp32.losses[3]) < gap / 10
   for s in (5, 6):                                  # bfloat16 again
     assert result.losses[s] == tail.losses[s], s
   line = next(r.getMessage() for r in caplog.records if "rolled back" in r.getMessage())
