@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 
 from convmae_jax import checkpoints, configs
 from convmae_jax.train import ConfigError, NonFiniteLossError, trainer, validation
+from convmae_jax.train.jobs.classify import Classify
 from convmae_jax.train.jobs.pretrain import Pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,10 +43,10 @@ def run(workdir, on_log=None, **overrides):
     return trainer.train_and_evaluate(make_config(**overrides), str(workdir), on_log=on_log)
 
 
-def poison(monkeypatch, step: int, *, permanent: bool = False):
-  """NaN images at ``step`` in the first data stream opened from now on (every stream when
+def poison(monkeypatch, step: int, *, permanent: bool = False, job=Pretrain):
+  """NaN images at ``step`` in the first data stream ``job`` opens from now on (every stream when
   ``permanent``). Returns the list of the steps each opened stream started at."""
-  original = Pretrain.train_data
+  original = job.train_data
   opened = []
 
   def train_data(self, start_step):
@@ -56,7 +57,7 @@ def poison(monkeypatch, step: int, *, permanent: bool = False):
         batch = dict(batch, image=np.asarray(batch["image"], np.float32) * np.nan)
       yield batch
 
-  monkeypatch.setattr(Pretrain, "train_data", train_data)
+  monkeypatch.setattr(job, "train_data", train_data)
   return opened
 
 
@@ -181,6 +182,32 @@ def test_a_permanent_fault_stops_after_max_rollbacks(tmp_path, monkeypatch, capl
   assert "nothing else changed (already float32)" in lines[0]
   assert checkpoints.latest_step(tmp_path) == 2
   assert all(np.all(np.isfinite(x)) for x in arrays(tmp_path, 2) if x.dtype.kind == "f")
+
+
+def test_fine_tuning_rolls_back_with_its_evaluator(tmp_path, monkeypatch):
+  # Fine-tuning on the digits (a ConvViT, labels, mixup), evaluated at step 3 between the restored
+  # checkpoint (step 2) and the fault (step 4): the evaluation runs again and comes out the same.
+  fine = dict(dataset="convmae_demo_digits", eval_split="test", num_classes=10, image_size=32,
+              dtype="float32", batch_size=16, eval_batch_size=40, eval_num_examples=40,
+              eval_every_steps=3, num_train_steps=5, warmup_steps=2, log_every_steps=1,
+              checkpoint_every_steps=2, keep_checkpoints=10, rand_augment="",
+              crop_scale=(0.35, 1.0), async_checkpointing=False, nonfinite="rollback")
+
+  def run_fine(workdir):
+    c = configs.get_config("finetune", "tiny")
+    for key, value in fine.items():
+      c[key] = value
+    return trainer.train_and_evaluate(c, str(workdir))
+
+  reference = run_fine(tmp_path / "reference")
+  opened = poison(monkeypatch, 4, job=Classify)
+  result = run_fine(tmp_path / "run")
+  assert opened == [0, 2] and result.rolled_back == [(4, 2)]
+  for s in range(1, 6):
+    assert result.losses[s] == reference.losses[s], s
+  assert result.metrics == reference.metrics and 3 in result.metrics
+  assert meta(tmp_path / "run", 4)["best_top1"] == meta(tmp_path / "reference", 4)["best_top1"]
+  assert meta(tmp_path / "run", 4)["rollbacks"] == 1
 
 
 def test_main_exits_3_when_every_step_after_the_first_is_non_finite(tmp_path):
