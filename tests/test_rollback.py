@@ -230,10 +230,10 @@ def test_main_exits_3_when_every_step_after_the_first_is_non_finite(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("nonfinite", "retry", r"config.nonfinite='retry' is not accepted; use 'stop', 'skip' or "
-                           r"'rollback'"),
-    ("rollback_fp32_steps", -1, r"config.rollback_fp32_steps=-1 is not accepted: expected an "
-                                r"integer >= 0"),
+    ("nonfinite", "retry",
+     r"config.nonfinite='retry' is not accepted; use 'stop', 'skip' or 'rollback'"),
+    ("rollback_fp32_steps", -1,
+     r"config.rollback_fp32_steps=-1 is not accepted: expected an integer >= 0"),
     ("max_rollbacks", 0, r"config.max_rollbacks=0 is not accepted: expected an integer >= 1"),
 ])
 def test_bad_rollback_settings_are_refused_before_compute(tmp_path, field, value, match):
