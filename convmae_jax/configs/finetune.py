@@ -105,11 +105,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_num_examples = -1        # evaluate on the first N examples only; -1 = the whole split
   c.stop_after_steps = -1         # end this run (with a checkpoint) at this step; schedule unchanged
   c.profile_steps = (0, 0)        # (a, b): jax.profiler trace of steps a+1..b into {workdir}/profile
-  # A non-finite loss: "stop" (a message naming the step and the last checkpoint, exit status 3) or
-  # "skip" (the update is not applied, the step is counted and logged; the run stops after
-  # max_consecutive_skips skipped steps in a row).
+  # A non-finite loss or gradient norm: "stop" (a message naming the step and the last checkpoint,
+  # exit status 3), "skip" (the update is not applied, the step is counted and logged; the run stops
+  # after max_consecutive_skips skipped steps in a row) or "rollback" (back to the last checkpoint,
+  # or the initial state if there is none, data included; the next rollback_fp32_steps steps after
+  # it in float32 (0 = keep the dtype); the run stops, exit status 3, when the loss is non-finite
+  # again after max_rollbacks rollbacks in a row with no checkpoint written in between).
   c.nonfinite = "stop"
   c.max_consecutive_skips = 10
+  c.rollback_fp32_steps = 0
+  c.max_rollbacks = 3
   # An undecodable record is replaced by the mean-colour image (its label kept), counted and logged;
   # more than this fraction of the examples read stops the run with a checkpoint, exit status 4
   # (checked after one epoch or 10 / max_bad_fraction examples). 1.0 = never stop. Undecodable

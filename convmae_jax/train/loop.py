@@ -7,7 +7,8 @@ hooks below). The loop does the rest, in this order:
 
   checks (no compute) -> workdir, writer, mesh -> model (abstract), optimizer, shardings ->
   evaluators (their data read now) -> initialise or resume -> the jitted step -> data ->
-  the steps (progress line, stop request, evaluators, checkpoints, bad-record check) -> close.
+  the steps (progress line, stop request, evaluators, checkpoints, bad-record check, and with
+  ``nonfinite="rollback"`` the way back to the last checkpoint, ``rollback.py``) -> close.
 
 The step is functional: the NNX model is split once into a graph definition, its trainable
 parameters (``job.trainable``) and the rest (frozen weights, position embeddings, BatchNorm
@@ -33,9 +34,10 @@ from convmae_jax.train import input_pipeline, logs, optim, peers, schedule as sc
 from convmae_jax.train import sharding as sharding_lib
 from convmae_jax.train import state as state_lib
 from convmae_jax.train import workdir as workdir_lib
-from convmae_jax.train.errors import BadRecordsError
+from convmae_jax.train.errors import BadRecordsError, RollbackRequest
 from convmae_jax.train.metrics import MetricsWindow, min_examples_for_bad_check
 from convmae_jax.train.profiler import Profiler
+from convmae_jax.train.rollback import Rollback
 from convmae_jax.train.step import build_train_step
 from convmae_jax.train.stop import StopRequest
 from convmae_jax.train.validation import RunPlan, check_resume
@@ -51,6 +53,10 @@ class TrainResult:
   stopped_by: str | None = None   # "SIGTERM", "SIGINT" or "preemption" when the run was asked to stop
   metrics: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)  # eval results
   skipped_steps: list[int] = dataclasses.field(default_factory=list)  # nonfinite="skip"
+  # nonfinite="rollback": rollbacks of all runs of this workdir so far (kept in the checkpoints'
+  # meta), and (non-finite step, checkpoint step restored) of each rollback of this run.
+  rollbacks: int = 0
+  rolled_back: list[tuple[int, int]] = dataclasses.field(default_factory=list)
   bad_examples: int = 0   # undecodable examples read (replaced), all runs of this workdir so far
 
 
@@ -102,9 +108,14 @@ class Job:
     """Reads what the run needs from disk (dataset info, the initial weights) and refuses what does
     not fit, before anything is written or computed."""
 
-  def create_model(self) -> nnx.Module:
-    return models.create(self.config.model, rngs=nnx.Rngs(self.config.seed),
-                         **self.plan.model_overrides)
+  def create_model(self, dtype: str | None = None) -> nnx.Module:
+    """The job's model, randomly initialised; ``dtype`` ("float32", "bfloat16") replaces the
+    config's compute dtype (the float32 replay after a rollback; parameters are float32 either
+    way, so both models have the same state)."""
+    overrides = dict(self.plan.model_overrides)
+    if dtype is not None:
+      overrides["dtype"] = dtype
+    return models.create(self.config.model, rngs=nnx.Rngs(self.config.seed), **overrides)
 
   def make_schedule(self, total_steps: int, warmup_steps: float):
     """The learning-rate schedule (default: linear warmup then half-cosine, ``schedule.py``)."""
@@ -197,45 +208,67 @@ def run(job: Job, workdir: str, *, on_log=None) -> TrainResult:
       restore)
   try:                               # the manager is closed on every way out
     if latest is not None:
-      params, opt_state, rest, start_step, bad_examples = _resumed_state(
+      params, opt_state, rest, start_step, resumed_meta = _resumed_state(
           config, restored, latest, evaluators, ckpt_mgr.directory)
     else:
       params, opt_state, rest = _initial_state(job, graphdef, sh, tx)
-      start_step, bad_examples = 0, 0
+      start_step, resumed_meta = 0, {}
+    bad_examples = int(resumed_meta.get("bad_examples", 0))
 
     # ===================================== The step ============================================
     step_keys = job.batch_keys + (data.BAD_KEY,)
-    train_step = build_train_step(
-        graphdef=graphdef, param_filter=job.trainable, loss_fn=job.loss, tx=tx, schedule=schedule,
-        make_tx=lambda lr_fn: job.make_optimizer(lr_fn, abstract_params),
-        shardings=sh, batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps,
-        remat=config.get("remat", False), seed=config.seed,
-        skip_nonfinite=config.get("nonfinite", "stop") == "skip", batch_keys=step_keys,
-        prepare=lambda batch, step: job.prepare(setup, batch, step))
+    nonfinite = config.get("nonfinite", "stop")
+
+    def make_step(graphdef_):
+      return build_train_step(
+          graphdef=graphdef_, param_filter=job.trainable, loss_fn=job.loss, tx=tx,
+          schedule=schedule, make_tx=lambda lr_fn: job.make_optimizer(lr_fn, abstract_params),
+          shardings=sh, batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps,
+          remat=config.get("remat", False), seed=config.seed,
+          skip_nonfinite=nonfinite == "skip", batch_keys=step_keys,
+          prepare=lambda batch, step: job.prepare(setup, batch, step))
+
+    train_step = make_step(graphdef)
+    recovery = None
+    if nonfinite == "rollback":
+      # The float32 step exists only once a rollback asks for it: the same state trees (parameters
+      # are float32 in both), a graph whose compute dtype is float32.
+      recovery = Rollback(
+          dtype=config.dtype, fp32_steps=config.get("rollback_fp32_steps", 0),
+          max_rollbacks=config.get("max_rollbacks", 3),
+          restore=lambda step: restore(ckpt_mgr, step),
+          initial_state=lambda: _initial_state(job, graphdef, sh, tx),
+          build_fp32_step=lambda: make_step(nnx.split(
+              nnx.eval_shape(lambda: job.create_model("float32")), job.trainable, ...)[0]),
+          writer=writer, meta=resumed_meta)
 
     # ===================================== Data ================================================
     result = TrainResult(step=start_step, losses={}, model=None, workdir=str(workdir))
+    if recovery is not None:
+      result.rollbacks = recovery.total
     if start_step >= end_step:
       logging.info("Nothing to do: step %d already reached (end step %d).", start_step, end_step)
       result.model = nnx.merge(graphdef_eval, params, rest)
       return result
-    batches = input_pipeline.DevicePrefetcher(job.train_data(start_step), sh.batch,
-                                              prefetch=config.get("prefetch", 2))
+
+    def make_batches(step: int):
+      return input_pipeline.DevicePrefetcher(job.train_data(step), sh.batch,
+                                             prefetch=config.get("prefetch", 2))
 
     # ===================================== The steps ===========================================
     window = MetricsWindow(
         writer=writer, total_steps=total_steps, batch_size=config.batch_size,
         start_step=start_step, steps_per_epoch=steps_per_epoch if n_examples else None,
         last_checkpoint=lambda: f"step {ckpt_mgr.latest_step()} in {ckpt_mgr.directory}",
-        on_log=on_log, nonfinite=config.get("nonfinite", "stop"),
+        on_log=on_log, nonfinite=nonfinite,
         max_consecutive_skips=config.get("max_consecutive_skips", 10),
         max_bad_fraction=config.get("max_bad_fraction", 1.0), bad_examples=bad_examples,
         min_examples_for_bad_check=min_examples_for_bad_check(config, n_examples))
     logging.info("Training steps %d..%d of %d (global batch %d)%s.", start_step + 1, end_step,
                  total_steps, config.batch_size,
                  "".join(f"; {e.description}" for e in evaluators if e.description))
-    params, rest = _steps(job, setup, ckpt_mgr, train_step, step_keys, batches, window, evaluators,
-                          (params, opt_state, rest), result)
+    params, rest = _steps(job, setup, ckpt_mgr, train_step, step_keys, make_batches, window,
+                          evaluators, (params, opt_state, rest), result, recovery)
   finally:
     ckpt_mgr.close()
 
@@ -244,17 +277,23 @@ def run(job: Job, workdir: str, *, on_log=None) -> TrainResult:
     logging.warning("Stopped by %s at step %d of %d with a checkpoint in %s; run the same command "
                     "again to resume.", result.stopped_by, result.step, total_steps,
                     workdir_path / "checkpoints")
-  job.summary(result, setup)
+  if result.losses:                  # none when a stop request met a rollback to the start step
+    job.summary(result, setup)
   return result
 
 
-def _steps(job: Job, setup: Setup, ckpt_mgr, train_step, step_keys, batches, window: MetricsWindow,
-           evaluators: list[Evaluator], train_state, result: TrainResult):
+def _steps(job: Job, setup: Setup, ckpt_mgr, train_step, step_keys, make_batches,
+           window: MetricsWindow, evaluators: list[Evaluator], train_state, result: TrainResult,
+           recovery: Rollback | None = None):
   """Steps ``result.step + 1 .. setup.end_step``: the progress line, the evaluators that are due,
-  checkpoints, the bad-record check, a stop request. Fills ``result``; returns (params, rest)."""
+  checkpoints, the bad-record check, a stop request, and (``recovery``, nonfinite="rollback") the
+  way back to the last checkpoint after a non-finite step. ``make_batches(step)`` opens the device
+  batches from ``step`` on. Fills ``result``; returns (params, rest)."""
   config = job.config
   params, opt_state, rest = train_state
   model_meta = {"model_name": config.model, "model_kwargs": job.plan.model_config.to_dict()}
+  if recovery is not None:
+    window.rollbacks = recovery.total
 
   def save(step: int):
     window.fetch()                   # never checkpoint past a non-finite loss
@@ -264,50 +303,82 @@ def _steps(job: Job, setup: Setup, ckpt_mgr, train_step, step_keys, batches, win
     for evaluator in evaluators:
       meta.update(evaluator.state())
     meta["bad_examples"] = window.bad_examples
+    if recovery is not None:
+      meta.update(recovery.meta())
+      recovery.saved()
     state_lib.save_train_state(ckpt_mgr, step, params, rest, opt_state, meta)
 
   profiler = Profiler(config, setup.workdir)
   watchdog = peers.PeerWatchdog(config.get("peer_timeout_s", 120),
                                 peers.finished_steps_text(ckpt_mgr.directory))
+  batches = make_batches(result.step)
   with watchdog:                     # a lost peer ends the run within peer_timeout_s
     try:
       with StopRequest() as stop:
-        for step in range(result.step, setup.end_step):
+        step = result.step
+        while step < setup.end_step:
           done = step + 1            # updates finished after this iteration
-          batch = window.next_batch(batches)
-          window.note_bad_examples(done, batch.get(input_pipeline.DevicePrefetcher.HOST, {}))
-          params, opt_state, rest, metrics = train_step(
-              params, opt_state, rest, {k: batch[k] for k in step_keys}, np.int32(step))
-          window.add(done, metrics)
-          profiler(done, metrics)
-          result.stopped_by = stop.requested(done, ckpt_mgr)
-          result.step = done
-          stopping = result.stopped_by is not None
-          is_last = done == setup.end_step or stopping
+          try:
+            batch = window.next_batch(batches)
+            window.note_bad_examples(done, batch.get(input_pipeline.DevicePrefetcher.HOST, {}))
+            step_fn = train_step if recovery is None else recovery.step_for(done, train_step)
+            params, opt_state, rest, metrics = step_fn(
+                params, opt_state, rest, {k: batch[k] for k in step_keys}, np.int32(step))
+            window.add(done, metrics)
+            profiler(done, metrics)
+            result.stopped_by = stop.requested(done, ckpt_mgr)
+            result.step = done
+            stopping = result.stopped_by is not None
+            is_last = done == setup.end_step or stopping
 
-          if done % config.log_every_steps == 0 or is_last:
-            result.losses[done] = window.log(done)["loss"]
+            if done % config.log_every_steps == 0 or is_last:
+              result.losses[done] = window.log(done)["loss"]
 
-          due = [e for e in evaluators if e.due(done, end_step=setup.end_step, stopping=stopping)]
-          if due:
-            window.fetch()           # never evaluate past a non-finite loss
-            for evaluator in due:
-              scalars = evaluator(done, params, rest)
-              if scalars:
-                result.metrics.setdefault(done, {}).update(scalars)
-            window.restart(done)     # evaluation time is not training throughput
+            due = [e for e in evaluators
+                   if e.due(done, end_step=setup.end_step, stopping=stopping)]
+            if due:
+              window.fetch()         # never evaluate past a non-finite loss
+              for evaluator in due:
+                scalars = evaluator(done, params, rest)
+                if scalars:
+                  result.metrics.setdefault(done, {}).update(scalars)
+              window.restart(done)   # evaluation time is not training throughput
 
-          checkpoint_due = done % config.checkpoint_every_steps == 0 or is_last
-          if checkpoint_due:
-            save(done)
-          problem = window.bad_records_problem()
-          if problem is not None:    # too many undecodable records: stop with a checkpoint
-            if not checkpoint_due:
+            checkpoint_due = done % config.checkpoint_every_steps == 0 or is_last
+            if checkpoint_due:
               save(done)
-            raise BadRecordsError(f"{problem} A checkpoint of step {done} is in "
-                                  f"{ckpt_mgr.directory}.")
+            problem = window.bad_records_problem()
+            if problem is not None:  # too many undecodable records: stop with a checkpoint
+              if not checkpoint_due:
+                save(done)
+              raise BadRecordsError(f"{problem} A checkpoint of step {done} is in "
+                                    f"{ckpt_mgr.directory}.")
+          except RollbackRequest as bad:
+            if recovery is None:     # the window raises it only under nonfinite="rollback"
+              raise
+            params = opt_state = rest = None   # the non-finite state goes before the restore
+            batches.close()
+            ckpt_mgr.wait_until_finished()     # an asynchronous save of a finite step lands first
+            params, opt_state, rest, meta, step = recovery(bad, ckpt_mgr.latest_step(),
+                                                           ckpt_mgr.directory)
+            window.rewind(step, bad_examples=int(meta.get("bad_examples", 0)))
+            window.rollbacks = recovery.total
+            for evaluator in evaluators:
+              evaluator.restore(meta)
+            # What the steps after the checkpoint logged is computed again (or, at a stop, is not
+            # part of the run any more).
+            result.losses = {s: v for s, v in result.losses.items() if s <= step}
+            result.metrics = {s: v for s, v in result.metrics.items() if s <= step}
+            result.step = step
+            result.rollbacks, result.rolled_back = recovery.total, list(recovery.events)
+            if result.stopped_by is not None:
+              # Asked to stop: the checkpoint restored is the one a rerun resumes from.
+              break
+            batches = make_batches(step)
+            continue
           if stopping:
             break
+          step = done
     finally:
       result.skipped_steps = list(window.skipped_steps)
       result.bad_examples = window.bad_examples
@@ -320,8 +391,8 @@ def _steps(job: Job, setup: Setup, ckpt_mgr, train_step, step_keys, batches, win
 
 
 def _resumed_state(config, restored, latest: int, evaluators: list[Evaluator], directory):
-  """(params, opt_state, rest, start_step, bad_examples) of a restored checkpoint; the evaluators
-  take back their state."""
+  """(params, opt_state, rest, start_step, meta) of a restored checkpoint; the evaluators take back
+  their state."""
   params, opt_state, rest, meta = restored
   start_step = int(meta.get("step", latest))
   for evaluator in evaluators:
@@ -333,7 +404,7 @@ def _resumed_state(config, restored, latest: int, evaluators: list[Evaluator], d
                     "the original run.", start_step, meta.get("seed"), meta.get("batch_size"),
                     config.seed, config.batch_size)
   logging.info("Resumed from %s at step %d.", directory, start_step)
-  return params, opt_state, rest, start_step, int(meta.get("bad_examples", 0))
+  return params, opt_state, rest, start_step, meta
 
 
 def _initial_state(job: Job, graphdef, sh: sharding_lib.StateShardings, tx):

@@ -1,6 +1,6 @@
 """The metrics window: step metrics stay on the devices until a log step; then one progress line
-and one set of TensorBoard scalars. It also watches the run's health: a non-finite loss (stop or
-skip) and the share of undecodable records."""
+and one set of TensorBoard scalars. It also watches the run's health: a non-finite loss (stop, skip
+or rollback) and the share of undecodable records."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 from absl import logging
 
 from convmae_jax import data
-from convmae_jax.train.errors import NonFiniteLossError
+from convmae_jax.train.errors import NonFiniteLossError, RollbackRequest
 from convmae_jax.train.logs import in_notebook
 
 BAD_METRIC = "bad_examples"   # undecodable examples replaced in a step's global batch
@@ -71,6 +71,7 @@ class MetricsWindow:
     self.max_consecutive_skips = max_consecutive_skips
     self.consecutive_skips = 0
     self.skipped_steps: list[int] = []
+    self.rollbacks = 0   # nonfinite="rollback": kept up to date by the loop, shown when non-zero
     # Undecodable examples: the global count (from the step's metrics, carried over a resume by the
     # checkpoint), this process's first few by name, the ones already logged.
     self.bad_examples = int(bad_examples)
@@ -106,11 +107,15 @@ class MetricsWindow:
   def fetch(self) -> None:
     """Moves the pending metrics to the host. A non-finite loss raises NonFiniteLossError with
     ``nonfinite="stop"``; with "skip" the (already skipped) step is counted and logged, and more
-    than ``max_consecutive_skips`` in a row raise."""
+    than ``max_consecutive_skips`` in a row raise; with "rollback" the first non-finite step raises
+    RollbackRequest (the pending steps after it are dropped: the loop replays them)."""
     for s, m in jax.device_get(self.pending):
       self.bad_examples += int(m.pop(BAD_METRIC, 0))
       self.fetched_step = s
       bad = bool(m.get("skipped", 0.0)) or not np.isfinite(m["loss"])
+      if bad and self.nonfinite == "rollback":
+        self.pending.clear()
+        raise RollbackRequest(s, float(m["loss"]), float(m["grad_norm"]))
       if bad and self.nonfinite == "skip":
         self.consecutive_skips += 1
         self.skipped_steps.append(s)
@@ -132,6 +137,16 @@ class MetricsWindow:
       self.consecutive_skips = 0
       self.window.append(m)
     self.pending.clear()
+
+  def rewind(self, step: int, *, bad_examples: int) -> None:
+    """After a rollback to ``step``: the metrics of later steps are forgotten (they are computed
+    again), the count of undecodable examples is the checkpoint's, the clock restarts."""
+    self.pending.clear()
+    self.window.clear()
+    self.consecutive_skips = 0
+    self.fetched_step = step
+    self.bad_examples = int(bad_examples)
+    self.restart(step)
 
   def note_bad_examples(self, step: int, batch: Mapping[str, Any]) -> None:
     """Logs, once per record, each example of this process's ``batch`` (numpy: ``bad``,
@@ -182,6 +197,8 @@ class MetricsWindow:
                if k not in ("learning_rate", "skipped")}
     scalars["skipped_steps"] = float(len(self.skipped_steps))
     scalars[BAD_METRIC] = float(self.bad_examples)
+    if self.nonfinite == "rollback":
+      scalars["rollbacks"] = float(self.rollbacks)
     scalars["learning_rate"] = float(w[-1]["learning_rate"])
     scalars["core_hours"] = self.core_hours
     if self.steps_per_epoch and math.isfinite(self.steps_per_epoch):
@@ -199,6 +216,8 @@ class MetricsWindow:
       extra += f" | skipped {len(self.skipped_steps)}"
     if self.bad_examples:
       extra += f" | bad examples {self.bad_examples}"
+    if self.rollbacks:
+      extra += f" | rollbacks {self.rollbacks}"
     line = (f"{self.label} {step}/{self.total_steps} | loss {scalars['loss']:.4f} | lr "
             f"{scalars['learning_rate']:.3g} | grad_norm {scalars['grad_norm']:.3f}{extra} | "
             f"{scalars.get('images_per_sec', float('nan')):.1f} img/s "

@@ -18,6 +18,8 @@ from convmae_jax.train import sharding as sharding_lib
 # The datasets this project documents; any other registered TFDS image dataset is accepted too.
 KNOWN_DATASETS = ("imagenet2012", "convmae_demo_photos", "convmae_demo_digits")
 DTYPES = ("float32", "bfloat16")
+# config.nonfinite: what a non-finite loss does (train/metrics.py, train/rollback.py).
+NONFINITE = ("stop", "skip", "rollback")
 # Top-level config fields that set model fields; model_kwargs must not set them as well.
 _MODEL_FIELDS_FROM_CONFIG = {"img_size": "image_size", "mask_ratio": "mask_ratio",
                              "norm_pix_loss": "norm_pix_loss", "dtype": "dtype",
@@ -122,10 +124,17 @@ def _check_mesh_batch_steps(config, num_devices: int, process_count: int) -> tup
   for name in ("blr", "weight_decay", "min_lr"):
     if config.get(name, 0.0) < 0:
       raise ConfigError(f"config.{name}={config.get(name)!r} must be >= 0.")
-  if config.get("nonfinite", "stop") not in ("stop", "skip"):
-    raise ConfigError(f"config.nonfinite={config.nonfinite!r} is not accepted; use 'stop' or 'skip'.")
+  if config.get("nonfinite", "stop") not in NONFINITE:
+    raise ConfigError(f"config.nonfinite={config.nonfinite!r} is not accepted; use 'stop', 'skip' "
+                      "or 'rollback'.")
   if config.get("nonfinite", "stop") == "skip":
     _positive_int(config, "max_consecutive_skips")
+  if config.get("nonfinite", "stop") == "rollback":
+    _int_at_least(config, "rollback_fp32_steps", 0, 0,
+                  "an integer >= 0 (steps after the restored checkpoint computed in float32; "
+                  "0 = keep the dtype)")
+    _int_at_least(config, "max_rollbacks", 3, 1,
+                  "an integer >= 1 (rollbacks in a row before the run stops)")
   fraction = config.get("max_bad_fraction", 1.0)
   if (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
       or not 0.0 <= float(fraction) <= 1.0):
