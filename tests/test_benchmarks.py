@@ -107,3 +107,12 @@ def test_op_profile_sorts_compiled_operations_into_categories():
            "aten::copy_": "copy_transpose", "aten::transpose": "copy_transpose",
            "aten::_foreach_mul_": "optimizer", "aten::index_select": "gather_scatter"}
   assert {n: op_profile.torch_category(n) for n in names} == names
+
+
+def test_dwconv_backward_lines(tmp_path):
+  rows = run_json_lines(["benchmarks/dwconv_backward.py", "--shapes", "2x12x10x8", "--rounds", "1"],
+                        tmp_path)
+  assert [r["variant"] for r in rows] == ["written", "autodiff"]
+  assert all(r["shape"] == [2, 12, 10, 8] and r["ms_median"] > 0 for r in rows)
+  assert rows[1]["grad_max_rel_diff_vs_autodiff"] == 0.0
+  assert rows[0]["grad_max_rel_diff_vs_autodiff"] < 1e-5
