@@ -191,7 +191,7 @@ def test_every_field_the_training_code_reads_is_declared():
   import glob
   import re
   declared = set()
-  for name in ("pretrain", "finetune", "linprobe"):
+  for name in ("pretrain", "finetune", "linprobe", "segment"):
     declared |= set(configs.get_config(name).keys())
   read = set()
   for path in glob.glob(os.path.join(ROOT, "convmae_jax", "train", "**", "*.py"), recursive=True):
