@@ -20,19 +20,14 @@ from convmae_jax import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def _env(cache_dir) -> dict:
-  """Two processes of 4 CPU devices each. Each process has a compilation cache of its own, kept
-  for this file: with one shared cache a process could load a program its peer still compiles and
-  wait for it past the peer timeout (this file checks peers that run in step); with a cache each,
-  the second run loads every program in both processes and the pair stays in step."""
+def _env() -> dict:
+  """Two processes of 4 CPU devices each, compiling their programs themselves: with the session's
+  compilation cache one process could load a program the other still compiles, and this file
+  checks peers that run in step."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", JAX_COMPILATION_CACHE_DIR=cache_dir)
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   return env
-
-
-@pytest.fixture(scope="module")
-def cache_dirs(tmp_path_factory):
-  return [str(tmp_path_factory.mktemp(f"xla_cache_process{pid}")) for pid in range(2)]
 
 
 def _free_port() -> int:
@@ -64,7 +59,7 @@ SLACK_S = 45          # generous: the check runs every 0.5 s; the machine may be
 
 
 @pytest.mark.parametrize("lost", [1, 0], ids=["worker_lost", "coordinator_lost"])
-def test_a_lost_peer_ends_the_survivor_within_the_bound_naming_it(tmp_path, cache_dirs, lost):
+def test_a_lost_peer_ends_the_survivor_within_the_bound_naming_it(tmp_path, lost):
   """Two processes train one model (the same losses on both, a checkpoint from both), then one of
   them is SIGKILLed mid-run; the other must not hang.
 
@@ -74,11 +69,12 @@ def test_a_lost_peer_ends_the_survivor_within_the_bound_naming_it(tmp_path, cach
   leader task died; the watchdog's bound is then only the backstop.
   """
   port = _free_port()
+  env = _env()
   procs = [subprocess.Popen(
       [sys.executable, "-c", _LONG_WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
                                                  port=port, pid=pid, workdir=str(tmp_path),
                                                  bound=BOUND_S)],
-      env=_env(cache_dirs[pid]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in range(2)]
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in range(2)]
   try:
     victim, survivor = procs[lost], procs[1 - lost]
     deadline = time.monotonic() + 400
