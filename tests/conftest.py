@@ -40,9 +40,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:   # xdist workers inherit the 
 
 # The files that take longest go first, so that under pytest-xdist (scripts/test.sh: each file on
 # one worker, handed out in this order) no long file starts last while the other worker idles.
-_LONGEST_FIRST = ("test_multiprocess.py", "test_benchmarks.py", "test_faults.py",
-                  "test_classification.py", "test_models.py", "test_train.py", "test_complementary.py",
-                  "test_notebook.py", "test_interop.py", "test_backbone.py", "test_api.py")
+_LONGEST_FIRST = ("test_multiprocess.py", "test_rollback.py", "test_benchmarks.py",
+                  "test_segment_job.py", "test_faults.py", "test_classification.py", "test_models.py",
+                  "test_train.py", "test_segment.py", "test_complementary.py", "test_notebook.py",
+                  "test_knn.py", "test_interop.py", "test_backbone.py", "test_api.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
