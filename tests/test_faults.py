@@ -1,4 +1,4 @@
-"""Faults: a non-finite loss (stop: exit 3 with the step and a finite last checkpoint; skip: exactly
+"""Faults: a non-finite loss (exit 3 with the step and a finite last checkpoint; skip: exactly
 the bad step changes nothing and the run goes on), resuming a workdir with a config that does
 not fit its checkpoint (refused before compute, unless the change is allowed), undecodable records
 (replaced in place, counted, logged once; too many stop the run with exit 4)."""
@@ -75,19 +75,25 @@ def test_skip_stops_after_too_many_consecutive_bad_steps(tmp_path):
                if np.asarray(x).dtype.kind == "f")
 
 
-def test_stop_exits_3_naming_the_step_and_a_finite_checkpoint(tmp_path):
+def test_non_finite_losses_exit_3_naming_the_step_and_a_finite_checkpoint(tmp_path):
+  # An lr of 1e36 makes every loss after the first update non-finite. With nonfinite="rollback" and
+  # max_rollbacks=1 the run rolls back to the checkpoint of step 1 once, then stops as "stop" does
+  # (the same error and exit status; "stop" itself: tests/test_train.py).
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "main.py"), "--config=" + os.path.join(ROOT, "configs", "demo.py"),
        f"--workdir={tmp_path}", "--config.blr=1e36", "--config.warmup_steps=0",
        "--config.num_train_steps=5", "--config.checkpoint_every_steps=1", "--config.log_every_steps=1",
        "--config.recon_every_steps=0", "--config.recon_at_end=False", "--config.batch_size=8",
-       "--config.image_size=32"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+       "--config.image_size=32", "--config.nonfinite=rollback", "--config.max_rollbacks=1"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 3, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
-  assert "error: Loss is" in proc.stderr and "at step" in proc.stderr
+  assert "error: Loss is " in proc.stderr and " at step 2 " in proc.stderr
+  assert proc.stderr.count("rolled back to the checkpoint of step 1") == 1
+  assert "after 1 rollback in a row to the checkpoint of step 1" in proc.stderr
   last = checkpoints.latest_step(tmp_path)
-  assert f"The last checkpoint is step {last} in" in proc.stderr
+  assert last == 1 and f"The last checkpoint is step {last} in" in proc.stderr
   assert all(np.all(np.isfinite(np.asarray(x))) for x in _params(tmp_path, last)
              if np.asarray(x).dtype.kind == "f")
   # Resuming this workdir with another model: one line, exit 2, and no checkpoint thread left to

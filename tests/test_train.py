@@ -159,8 +159,10 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, reference):
 
 
 def test_non_finite_loss_stops_loudly_with_the_step(tmp_path):
-  with pytest.raises(FloatingPointError, match=r"Loss is (nan|inf) at step \d"):
-    run(tmp_path, blr=1e36, warmup_steps=0, num_train_steps=3)
+  with pytest.raises(FloatingPointError, match=r"Loss is (nan|inf) at step \d") as info:
+    run(tmp_path, blr=1e36, warmup_steps=0, num_train_steps=3, checkpoint_every_steps=1)
+  last = checkpoints.latest_step(tmp_path)
+  assert last is not None and f"The last checkpoint is step {last} in" in str(info.value)
 
 
 def test_init_from_a_model_only_checkpoint(tmp_path):
