@@ -34,8 +34,21 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:   # xdist workers inherit the 
   _CACHE = tempfile.mkdtemp(prefix="convmae-test-xla-cache-")
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
-  # Programs that compile in under 0.3 s are not worth a disk round trip.
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+  # Every program is cached, the smallest included: a model's eager initialisation compiles a few
+  # dozen tiny programs (one per parameter shape and initialiser, ~0.2-0.4 s each), which every new
+  # process (xdist worker, main.py subprocess, benchmark) would otherwise compile again. Measured,
+  # convmae_tiny created in a second process: 4.6 s with a 0.3 s threshold, 1.2 s with none.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+# The suite compiles many small programs and runs few large ones, so XLA:CPU's LLVM backend runs
+# without its optimisation passes: programs compile about 3x faster (convmae_tiny's initialisation
+# 12.5 s -> 4.3 s; test_complementary.py plus a rollback test 212 s -> 137 s on one core). XLA's
+# own graph passes (fusion, layout) still run, and every assertion holds (tolerances are between
+# sides computed in the same suite). Set XLA_FLAGS with the flag yourself to choose otherwise;
+# tests that start processes with other XLA_FLAGS append to these.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_backend_optimization_level=0").strip()
 
 
 # The files that take longest go first, so that under pytest-xdist (scripts/test.sh: each file on

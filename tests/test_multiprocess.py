@@ -24,7 +24,8 @@ def _env() -> dict:
   """Two processes of 4 CPU devices each, compiling their programs themselves: with the session's
   compilation cache one process could load a program the other still compiles, and this file
   checks peers that run in step."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count=4'
+  env = dict(os.environ, XLA_FLAGS=flags.strip(),
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   return env

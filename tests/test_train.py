@@ -72,8 +72,8 @@ def run_in_subprocess(workdir, devices, **overrides):
 
   Returns the losses and a line describing the sharding of one trained kernel.
   """
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={devices}'
+  env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   code = _SUBPROCESS.format(root=ROOT, tests=os.path.join(ROOT, "tests"), devices=devices,
                             workdir=str(workdir), overrides=json.dumps(overrides))
   proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -196,7 +196,8 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
   """A preempted run (SIGTERM) finishes its step, writes a checkpoint there and exits cleanly."""
   import signal as signal_lib
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                        " --xla_force_host_platform_device_count=1").strip())
   code = _SIGTERM_WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"), workdir=str(tmp_path))
   proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
