@@ -159,15 +159,11 @@ class ConvModule(nnx.Module):
     return jax.nn.relu(self.bn(self.conv(x)))
 
 
-class Dropout2d(nnx.Module):
+class Dropout2d(layers.DropPath):
   """PyTorch ``nn.Dropout2d``: zeroes whole channels of each sample with probability ``rate`` and
   scales the rest by 1 / (1 − rate). Active unless ``deterministic`` (``model.eval()``); randomness
-  from the ``dropout`` stream."""
-
-  def __init__(self, rate: float, *, rngs: nnx.Rngs, deterministic: bool = False):
-    self.rate = float(rate)
-    self.deterministic = deterministic
-    self.rngs = rngs["dropout"].fork() if self.rate > 0 else nnx.data(None)
+  from the ``dropout`` stream. ``DropPath``'s state; a mask per (sample, channel), and torch's
+  order of operations (``x * (mask / keep)``)."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.rate == 0.0 or self.deterministic:

@@ -9,9 +9,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from convmae_jax import checkpoints
 from convmae_jax.train import losses
 from convmae_jax.train import sharding as sharding_lib
+from convmae_jax.train.evaluators.best import BestModelEvaluator
 
 EVAL_KEYS = ("image", "label", "valid")
 
@@ -43,50 +43,31 @@ def evaluate_model(eval_step, params, rest, eval_data, batch_sharding) -> dict[s
           "loss": float(sums["loss"]) / n, "num_examples": int(round(n))}
 
 
-class TopKEvaluator:
+class TopKEvaluator(BestModelEvaluator):
   """Evaluates every ``every_steps`` steps (0: at the end only) and at the last step; writes
   ``eval_top1``, ``eval_top5``, ``eval_loss``, ``eval_num_examples``; keeps the best model (by top-1)
   in ``best_dir`` with ``best_meta`` and the evaluation in its meta. The best top-1 so far travels
   in the training checkpoints (``best_top1``)."""
 
+  meta_key = "best_top1"
+
   def __init__(self, *, eval_data, split: str, every_steps: int, graphdef_eval, shardings, writer,
                best_dir, best_meta: dict):
-    self.eval_data = eval_data
-    self.every_steps = every_steps
-    self.graphdef_eval = graphdef_eval
-    self.batch_sharding = shardings.batch
-    self.writer = writer
-    self.best_dir = best_dir
-    self.best_meta = best_meta
-    self.best_top1 = -1.0
-    self.description = (f"evaluating on {eval_data.num_examples} examples of {split!r} every "
-                        f"{every_steps if every_steps > 0 else '(end only)'} steps")
+    super().__init__(eval_data=eval_data, every_steps=every_steps, graphdef_eval=graphdef_eval,
+                     shardings=shardings, writer=writer, best_dir=best_dir, best_meta=best_meta)
+    self.description = f"evaluating on {eval_data.num_examples} examples of {split!r} {self.period()}"
     self.eval_step = jax.jit(
         eval_metrics_fn(graphdef_eval),
         in_shardings=(shardings.params, shardings.rest, {k: shardings.batch for k in EVAL_KEYS}),
         out_shardings=shardings.replicated)
 
-  def due(self, step: int, *, end_step: int, stopping: bool) -> bool:
-    del stopping
-    return (self.every_steps > 0 and step % self.every_steps == 0) or step == end_step
-
   def __call__(self, step: int, params, rest) -> dict[str, float]:
     evaluated = evaluate_model(self.eval_step, params, rest, self.eval_data, self.batch_sharding)
     self.writer.write_scalars(step, {f"eval_{k}": v for k, v in evaluated.items()})
-    improved = evaluated["top1"] > self.best_top1
-    self.best_top1 = max(self.best_top1, evaluated["top1"])
+    improved = self.improves(evaluated["top1"])
     logging.info("eval step %d | top1 %.2f%% | top5 %.2f%% | loss %.4f | %d examples%s",
                  step, evaluated["top1"], evaluated["top5"], evaluated["loss"],
                  evaluated["num_examples"], " | best so far" if improved else "")
     if improved:
-      # The best model so far as a model-only checkpoint (step 0 of best/), replacing the last.
-      model = nnx.merge(self.graphdef_eval, params, rest)
-      checkpoints.save_model(self.best_dir, model, {**self.best_meta, "step": step,
-                                                    "eval": evaluated}, step=0, overwrite=True)
+      self.keep_best(step, params, rest, evaluated)
     return evaluated
-
-  def state(self) -> dict:
-    return {"best_top1": self.best_top1}
-
-  def restore(self, meta: dict) -> None:
-    self.best_top1 = float(meta.get("best_top1", -1.0))

@@ -27,8 +27,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from convmae_jax import checkpoints
 from convmae_jax.train import sharding as sharding_lib
+from convmae_jax.train.evaluators.best import BestModelEvaluator
 
 IGNORE_INDEX = 255
 EVAL_KEYS = ("image", "label", "valid_hw")
@@ -151,37 +151,29 @@ def predict_fn(graphdef_eval, *, mode: str, crop: tuple[int, int], stride: tuple
   return step
 
 
-class SegmentationEvaluator:
+class SegmentationEvaluator(BestModelEvaluator):
   """Every ``every_steps`` steps (0: at the end only) and at the last step: the confusion matrix
   over the whole split, then ``eval_mIoU``, ``eval_mAcc``, ``eval_aAcc`` written as scalars,
   ``{workdir}/eval/step_XXXXXX.json`` with the per-class IoU/Acc, and the best model by mIoU as a
   model-only checkpoint in ``best_dir`` (``best_mIoU`` travels in the training checkpoints)."""
 
+  meta_key = "best_mIoU"
+
   def __init__(self, *, eval_data, split: str, every_steps: int, graphdef_eval, shardings, writer,
                best_dir, best_meta: dict, json_dir, num_classes: int, class_names=None,
                mode: str = "slide", crop=(512, 512), stride=(341, 341), is_chief: bool = True):
-    self.eval_data = eval_data
-    self.every_steps = every_steps
-    self.graphdef_eval = graphdef_eval
-    self.batch_sharding = shardings.batch
-    self.writer = writer
-    self.best_dir = best_dir
-    self.best_meta = best_meta
+    super().__init__(eval_data=eval_data, every_steps=every_steps, graphdef_eval=graphdef_eval,
+                     shardings=shardings, writer=writer, best_dir=best_dir, best_meta=best_meta)
     self.json_dir = json_dir
     self.class_names = class_names
     self.is_chief = is_chief
-    self.best_miou = -1.0
-    self.description = (f"mIoU ({mode}) on {eval_data.num_examples} images of {split!r} every "
-                        f"{every_steps if every_steps > 0 else '(end only)'} steps")
+    self.description = (f"mIoU ({mode}) on {eval_data.num_examples} images of {split!r} "
+                        f"{self.period()}")
     self.step_fn = jax.jit(
         predict_fn(graphdef_eval, mode=mode, crop=tuple(crop), stride=tuple(stride),
                    num_classes=num_classes),
         in_shardings=(shardings.params, shardings.rest, {k: shardings.batch for k in EVAL_KEYS}),
         out_shardings=shardings.replicated)
-
-  def due(self, step: int, *, end_step: int, stopping: bool) -> bool:
-    del stopping
-    return (self.every_steps > 0 and step % self.every_steps == 0) or step == end_step
 
   def evaluate(self, params, rest) -> dict:
     total = None
@@ -196,8 +188,7 @@ class SegmentationEvaluator:
     scores = self.evaluate(params, rest)
     scalars = {f"eval_{k}": scores[k] for k in ("mIoU", "mAcc", "aAcc")}
     self.writer.write_scalars(step, scalars)
-    improved = scores["mIoU"] > self.best_miou
-    self.best_miou = max(self.best_miou, scores["mIoU"])
+    improved = self.improves(scores["mIoU"])
     logging.info("eval step %d | mIoU %.2f%% | mAcc %.2f%% | aAcc %.2f%%%s", step, scores["mIoU"],
                  scores["mAcc"], scores["aAcc"], " | best so far" if improved else "")
     if self.is_chief:
@@ -205,15 +196,5 @@ class SegmentationEvaluator:
       (self.json_dir / f"step_{step:06d}.json").write_text(
           json.dumps({"step": step, **scores}, indent=1, allow_nan=True))
     if improved:
-      model = nnx.merge(self.graphdef_eval, params, rest)
-      checkpoints.save_model(self.best_dir, model, {**self.best_meta, "step": step,
-                                                    "eval": {k: scores[k] for k in
-                                                             ("mIoU", "mAcc", "aAcc")}},
-                             step=0, overwrite=True)
+      self.keep_best(step, params, rest, {k: scores[k] for k in ("mIoU", "mAcc", "aAcc")})
     return scalars
-
-  def state(self) -> dict:
-    return {"best_mIoU": self.best_miou}
-
-  def restore(self, meta: dict) -> None:
-    self.best_miou = float(meta.get("best_mIoU", -1.0))

@@ -187,5 +187,5 @@ class Classify(Job):
     last = result.metrics[max(result.metrics)]
     logging.info("Done: step %d; eval top1 %.2f%% top5 %.2f%% (best %.2f%%, weights in %s). "
                  "Checkpoints in %s, TensorBoard logs in %s.", result.step, last["top1"],
-                 last["top5"], self.top1.best_top1, setup.workdir / BEST_SUBDIR,
+                 last["top5"], self.top1.best, setup.workdir / BEST_SUBDIR,
                  setup.workdir / "checkpoints", result.workdir)

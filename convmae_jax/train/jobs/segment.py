@@ -249,5 +249,5 @@ class Segment(Job):
     last = result.metrics[max(result.metrics)]
     logging.info("Done: step %d; eval mIoU %.2f%% mAcc %.2f%% aAcc %.2f%% (best mIoU %.2f%%, "
                  "weights in %s; per-class IoU in %s).", result.step, last["eval_mIoU"],
-                 last["eval_mAcc"], last["eval_aAcc"], self.miou.best_miou,
+                 last["eval_mAcc"], last["eval_aAcc"], self.miou.best,
                  setup.workdir / BEST_SUBDIR, setup.workdir / EVAL_SUBDIR)
