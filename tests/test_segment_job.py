@@ -44,28 +44,38 @@ def _tiny(**over):
 
 
 def test_demo_dataset_labels_and_fixed_content():
+  """Version 2.0.0's facts (demo_segments docstring): one large digit per image, background about
+  three quarters of the pixels, every digit class in both splits, a fixed generator."""
   builder = data.get_builder(DEMO)
+  assert str(builder.info.version) == "2.0.0"
   assert builder.info.splits["train"].num_examples == 600
   assert builder.info.splits["test"].num_examples == 150
-  examples = seg_data.read_split(builder, "test", mask_key="annotation", num_examples=20)
-  counts = np.zeros(demo_segments.NUM_CLASSES, np.int64)
-  for image_bytes, mask_bytes in examples:
-    image, labels = seg_data.decode(image_bytes, mask_bytes)
-    assert image.shape == (64, 64, 3) and labels.shape == (64, 64)
-    counts += np.bincount(labels.ravel(), minlength=demo_segments.NUM_CLASSES)
-  assert counts.sum() == 20 * 64 * 64 and counts.size == 11            # labels 0..10 only
-  assert 0.6 < counts[0] / counts.sum() < 0.99                          # mostly background
-  assert np.count_nonzero(counts[1:]) >= 8                              # most digits appear
+  facts = {"train": (1811196, [72, 64, 66, 47, 56, 69, 68, 62, 45, 51]),
+           "test": (452226, [17, 11, 15, 19, 22, 16, 6, 12, 15, 17])}
+  for split, (background, images_per_digit) in facts.items():
+    examples = seg_data.read_split(builder, split, mask_key="annotation")
+    counts = np.zeros(demo_segments.NUM_CLASSES, np.int64)
+    per_digit = np.zeros(10, np.int64)
+    for image_bytes, mask_bytes in examples:
+      image, labels = seg_data.decode(image_bytes, mask_bytes)
+      assert image.shape == (64, 64, 3) and labels.shape == (64, 64)
+      present = np.unique(labels)
+      assert len(present) == 2 and present[0] == 0                    # background + one digit
+      digit_pixels = np.count_nonzero(labels)
+      assert 500 < digit_pixels < 1800                                 # a 40-56 px digit, thick
+      per_digit[present[1] - 1] += 1
+      counts += np.bincount(labels.ravel(), minlength=demo_segments.NUM_CLASSES)
+    assert counts.size == 11 and counts.sum() == len(examples) * 64 * 64   # labels 0..10 only
+    assert counts[0] == background                                       # 73.7% / 73.6%
+    assert per_digit.tolist() == images_per_digit
   # The generator of example i is fixed: building a stored example again gives the same pixels.
   import tensorflow_datasets as tfds
   stored = next(iter(tfds.as_numpy(builder.as_dataset(split="test", shuffle_files=False).take(1))))
   rng = np.random.default_rng((demo_segments.SEED, 1, int(stored["index"])))
   image, labels = demo_segments.make_example(rng, demo_segments._photos("test"),
                                              *demo_segments._digits("test"))
-  stored_image, stored_labels = seg_data.decode(*examples[0])
-  np.testing.assert_array_equal(stored["annotation"][..., 0], stored_labels)
-  np.testing.assert_array_equal(labels, stored_labels)
-  np.testing.assert_array_equal(image, stored_image)
+  np.testing.assert_array_equal(stored["annotation"][..., 0], labels)
+  np.testing.assert_array_equal(stored["image"], image)
 
 
 def test_train_pipeline_steps():
