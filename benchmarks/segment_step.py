@@ -29,6 +29,7 @@ from flax import nnx  # noqa: E402
 from convmae_jax import models  # noqa: E402
 from convmae_jax.interop import torch_segmentor  # noqa: E402
 from convmae_jax.train import optim, sharding as sharding_lib, step as step_lib  # noqa: E402
+from benchmarks import hostinfo  # noqa: E402
 
 
 def jax_runner(args, images, labels):
@@ -82,6 +83,7 @@ def main():
   ap.add_argument("--img_size", type=int, default=512)
   ap.add_argument("--batch", type=int, default=2)
   ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (compilation)")
   ap.add_argument("--dtype", default="bfloat16" if jax.default_backend() != "cpu" else "float32")
   args = ap.parse_args()
   rng = np.random.default_rng(0)
@@ -90,17 +92,18 @@ def main():
   runners = {"jax": jax_runner(args, images, labels), "torch": torch_runner(args, images, labels)}
   times = {k: [] for k in runners}
   for name, run in runners.items():       # warm-up (compilation, cuDNN autotuning)
-    run(0)
-    run(1)
+    for i in range(max(args.warmup, 1)):
+      run(i)
   for i in range(args.steps):
     for name, run in runners.items():
       t0 = time.perf_counter()
-      run(i + 2)
+      run(i + max(args.warmup, 1))
       times[name].append(time.perf_counter() - t0)
   med = {k: statistics.median(v) for k, v in times.items()}
   print(json.dumps({"model": args.model, "img_size": args.img_size, "batch": args.batch,
-                    "dtype": args.dtype, "backend": jax.default_backend(),
-                    "device": str(jax.devices()[0].device_kind),
+                    "dtype": args.dtype, "backend": jax.default_backend(), "steps": args.steps,
+                    "device": str(jax.devices()[0].device_kind), "cpu": hostinfo.cpu_name(),
+                    "torch_threads": torch.get_num_threads(),
                     **{f"{k}_step_s": round(v, 4) for k, v in med.items()},
                     **{f"{k}_img_per_s": round(args.batch / v, 2) for k, v in med.items()},
                     "jax_speedup_vs_torch": round(med["torch"] / med["jax"], 3)}))

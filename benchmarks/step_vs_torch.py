@@ -296,6 +296,9 @@ def parse_args(argv=None):
                   "on accelerators)")
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
   ap.add_argument("--grad_barrier", default="on", choices=("on", "off"))
+  ap.add_argument("--peak_n", type=int, default=None, help="side of the square product that "
+                  "measures the matmul peak (default 2048 on CPU, 8192 on accelerators; smaller "
+                  "only for smoke runs: a small product understates the peak)")
   args = ap.parse_args(argv)
   if args.dtype is None:
     args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -344,7 +347,7 @@ def main(argv=None):
     sides.append(side)
   if args.torch == "on":
     sides.append(TorchSide(args))
-  matmul_before = measure_matmul_tflops(args.dtype)
+  matmul_before = measure_matmul_tflops(args.dtype, args.peak_n)
 
   for side in sides:
     side.run(max(args.warmup, 0) or 1)
@@ -352,7 +355,7 @@ def main(argv=None):
   for _ in range(args.steps):
     for side in sides:
       times[id(side)].append(side.run(args.inner))
-  matmul_tflops = max(matmul_before, measure_matmul_tflops(args.dtype))
+  matmul_tflops = max(matmul_before, measure_matmul_tflops(args.dtype, args.peak_n))
   peak = datasheet_peak(kind, args.dtype)
 
   torch_ips = None

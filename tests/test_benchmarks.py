@@ -21,7 +21,7 @@ def run_json_lines(args, tmp_path, timeout=600):
 def test_step_vs_torch_lines(tmp_path):
   rows = run_json_lines(["benchmarks/step_vs_torch.py", "--model", "convmae_tiny", "--img_size", "32",
                          "--batch", "4", "--conv_impl", "visible,dense", "--complementary", "off,on",
-                         "--steps", "1", "--warmup", "0"], tmp_path)
+                         "--steps", "1", "--warmup", "0", "--peak_n", "256"], tmp_path)
   jax_rows = {(r["conv_impl"], r["complementary"]): r for r in rows if r.get("side") == "jax"}
   torch_rows = [r for r in rows if r.get("side") == "torch"]
   assert sorted(jax_rows) == [("dense", "off"), ("dense", "on"), ("visible", "off"), ("visible", "on")]
@@ -116,3 +116,16 @@ def test_dwconv_backward_lines(tmp_path):
   assert all(r["shape"] == [2, 12, 10, 8] and r["ms_median"] > 0 for r in rows)
   assert rows[1]["grad_max_rel_diff_vs_autodiff"] == 0.0
   assert rows[0]["grad_max_rel_diff_vs_autodiff"] < 1e-5
+
+
+def test_segment_step_line(tmp_path):
+  rows = run_json_lines(["benchmarks/segment_step.py", "--model", "convvit_seg_tiny", "--img_size",
+                         "64", "--batch", "2", "--steps", "1", "--warmup", "1"], tmp_path)
+  assert len(rows) == 1
+  r = rows[0]
+  assert (r["model"], r["img_size"], r["batch"], r["steps"], r["dtype"]) == (
+      "convvit_seg_tiny", 64, 2, 1, "float32")
+  for side in ("jax", "torch"):
+    assert r[f"{side}_step_s"] > 0
+    assert r[f"{side}_img_per_s"] == pytest.approx(2 / r[f"{side}_step_s"], rel=1e-2)
+  assert r["jax_speedup_vs_torch"] == pytest.approx(r["torch_step_s"] / r["jax_step_s"], rel=1e-2)
