@@ -28,6 +28,7 @@ from flax import nnx  # noqa: E402
 
 from convmae_jax import models  # noqa: E402
 from convmae_jax.interop import torch_segmentor  # noqa: E402
+from convmae_jax.models import upernet  # noqa: E402
 from convmae_jax.train import optim, sharding as sharding_lib, step as step_lib  # noqa: E402
 from benchmarks import hostinfo  # noqa: E402
 
@@ -35,7 +36,7 @@ from benchmarks import hostinfo  # noqa: E402
 def jax_runner(args, images, labels):
   model = models.create_segmentor(args.model, rngs=nnx.Rngs(0), img_size=args.img_size,
                                   drop_path_rate=0.2, dtype=args.dtype,
-                                  head={"num_classes": 150})
+                                  head={"num_classes": 150, "conv_impl": args.head_conv_impl})
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   cfg = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, weight_decay=0.05, layer_decay=0.75))
   schedule = optim.WarmupPoly(peak_lr=1e-4, warmup_steps=1500, total_steps=160_000)
@@ -59,7 +60,7 @@ def jax_runner(args, images, labels):
 def torch_runner(args, images, labels):
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   twin = torch_segmentor.torch_segmentor(args.model, img_size=args.img_size, drop_path_rate=0.2,
-                                         head={"num_classes": 150}).to(dev).train()
+                                         head={"num_classes": 150, "conv_impl": args.head_conv_impl}).to(dev).train()
   opt = torch.optim.AdamW(twin.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05)
   x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(dev)
   y = torch.from_numpy(labels).long().to(dev)
@@ -83,6 +84,8 @@ def main():
   ap.add_argument("--img_size", type=int, default=512)
   ap.add_argument("--batch", type=int, default=2)
   ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--head_conv_impl", default="auto", choices=("auto", "lax", "matmul"),
+                  help="the heads' convs: convolutions, shifted matmuls, or by backend")
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (compilation)")
   ap.add_argument("--dtype", default="bfloat16" if jax.default_backend() != "cpu" else "float32")
   args = ap.parse_args()
@@ -102,10 +105,11 @@ def main():
   med = {k: statistics.median(v) for k, v in times.items()}
   print(json.dumps({"model": args.model, "img_size": args.img_size, "batch": args.batch,
                     "dtype": args.dtype, "backend": jax.default_backend(), "steps": args.steps,
+                    "head_conv_impl": upernet.resolve_conv_impl(args.head_conv_impl),
                     "device": str(jax.devices()[0].device_kind), "cpu": hostinfo.cpu_name(),
                     "torch_threads": torch.get_num_threads(),
                     **{f"{k}_step_s": round(v, 4) for k, v in med.items()},
-                    **{f"{k}_img_per_s": round(args.batch / v, 2) for k, v in med.items()},
+                    **{f"{k}_img_per_s": float(f"{args.batch / v:.4g}") for k, v in med.items()},
                     "jax_speedup_vs_torch": round(med["torch"] / med["jax"], 3)}))
 
 

@@ -125,6 +125,7 @@ def test_segment_step_line(tmp_path):
   r = rows[0]
   assert (r["model"], r["img_size"], r["batch"], r["steps"], r["dtype"]) == (
       "convvit_seg_tiny", 64, 2, 1, "float32")
+  assert r["head_conv_impl"] == "matmul"                 # "auto" on CPU
   for side in ("jax", "torch"):
     assert r[f"{side}_step_s"] > 0
     assert r[f"{side}_img_per_s"] == pytest.approx(2 / r[f"{side}_step_s"], rel=1e-2)

@@ -123,15 +123,22 @@ def test_config_errors_before_compute(tmp_path, field, value, match):
   assert not (tmp_path / "w" / "checkpoints").exists()            # nothing was written
 
 
-def test_train_reports_miou_and_resume_equals_uninterrupted(tmp_path):
-  full = trainer.train_and_evaluate(_tiny(), str(tmp_path / "full"))
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  """An uninterrupted float32 run of 3 steps: (its workdir, its result)."""
+  workdir = tmp_path_factory.mktemp("full")
+  return workdir, trainer.train_and_evaluate(_tiny(), str(workdir))
+
+
+def test_train_reports_miou_and_resume_equals_uninterrupted(tmp_path, full_run):
+  full_dir, full = full_run
   assert full.step == 3 and sorted(full.losses) == [1, 2, 3]
   scores = full.metrics[3]
   assert 0.0 <= scores["eval_mIoU"] <= 100.0 and 0.0 <= scores["eval_aAcc"] <= 100.0
-  per_class = json.loads((tmp_path / "full" / "eval" / "step_000003.json").read_text())
+  per_class = json.loads((full_dir / "eval" / "step_000003.json").read_text())
   assert per_class["mIoU"] == pytest.approx(scores["eval_mIoU"])
   assert set(per_class["per_class"]) == set(demo_segments.CLASS_NAMES)
-  assert (tmp_path / "full" / "best").exists()
+  assert (full_dir / "best").exists()
 
   part = _tiny(stop_after_steps=2)
   first = trainer.train_and_evaluate(part, str(tmp_path / "resumed"))
@@ -148,3 +155,19 @@ def test_train_reports_miou_and_resume_equals_uninterrupted(tmp_path):
   b = [as_data(x) for x in jax.tree.leaves(nnx.state(second.model))]
   assert len(a) == len(b) > 0
   assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+def test_bfloat16_with_remat_follows_the_float32_run(tmp_path, full_run):
+  # The recipe's options: bfloat16 compute (params, BatchNorm statistics and the loss stay float32)
+  # and rematerialised backbone blocks. Two steps from the same initialisation and data: the
+  # losses are those of the float32 run to bfloat16's precision.
+  _, full = full_run
+  run = trainer.train_and_evaluate(_tiny(dtype="bfloat16", remat=True, stop_after_steps=2),
+                                   str(tmp_path / "bf16"))
+  assert run.step == 2 and sorted(run.losses) == [1, 2]
+  for s in (1, 2):
+    assert np.isfinite(run.losses[s])
+    assert run.losses[s] == pytest.approx(full.losses[s], rel=2e-2), s
+  assert run.losses[1] != full.losses[1]                     # bfloat16 did run
+  dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(run.model, nnx.Param))}
+  assert dtypes == {np.dtype("float32")}

@@ -231,7 +231,7 @@ class Segment(Job):
     crop = int(config.crop_size)
     self.miou = SegmentationEvaluator(
         eval_data=eval_data, split=config.eval_split,
-        every_steps=config.eval_every_steps, graphdef_eval=setup.graphdef_eval,
+        every_steps=config.eval_every_steps, graphdef_eval=self._graphdef_eval(setup),
         shardings=setup.shardings, writer=setup.writer, best_dir=setup.workdir / BEST_SUBDIR,
         best_meta={"model_name": config.model, "model_kwargs": self.plan.model_config.to_dict(),
                    "eval_split": config.eval_split, "dataset": config.dataset, "job": "segment"},
@@ -239,6 +239,20 @@ class Segment(Job):
         class_names=self.class_names, mode=config.eval_mode, crop=(crop, crop),
         stride=tuple(config.eval_stride), is_chief=setup.is_chief)
     return [self.miou]
+
+  def _graphdef_eval(self, setup: Setup):
+    """The loop's eval graph, without the backbone's remat when it is on: evaluation has no
+    backward pass to save memory for, and nnx.remat cannot run inside the sliding-window loop (a
+    scan over windows). The parameters and state are the same (remat is in the graph only)."""
+    plan = self.plan.model_config
+    if not plan.backbone.remat:
+      return setup.graphdef_eval
+    backbone = dataclasses.replace(plan.backbone, remat=False)
+    abstract = nnx.eval_shape(lambda: upernet.Segmentor(backbone, plan.head,
+                                                         rngs=nnx.Rngs(self.config.seed)))
+    abstract.eval()
+    graphdef, _, _ = nnx.split(abstract, self.trainable, ...)
+    return graphdef
 
   def checkpoint_meta(self) -> dict:
     return {"job": "segment"}
