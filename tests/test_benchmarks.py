@@ -130,3 +130,12 @@ def test_segment_step_line(tmp_path):
     assert r[f"{side}_step_s"] > 0
     assert r[f"{side}_img_per_s"] == pytest.approx(2 / r[f"{side}_step_s"], rel=1e-2)
   assert r["jax_speedup_vs_torch"] == pytest.approx(r["torch_step_s"] / r["jax_step_s"], rel=1e-2)
+
+
+def test_head_conv_lines(tmp_path):
+  rows = run_json_lines(["benchmarks/head_conv.py", "--shape", "2x6x5x4", "--out", "3",
+                         "--repeats", "1"], tmp_path)
+  assert [r["form"] for r in rows] == ["lax", "matmul", "im2col", "torch"]
+  assert all(r["shape"] == [2, 6, 5, 4] and r["s_fwd_bwd"] > 0 for r in rows)
+  assert rows[0]["max_abs_diff_vs_lax"] == 0.0
+  assert all(r["max_abs_diff_vs_lax"] < 1e-5 for r in rows)
