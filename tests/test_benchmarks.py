@@ -118,20 +118,6 @@ def test_dwconv_backward_lines(tmp_path):
   assert rows[0]["grad_max_rel_diff_vs_autodiff"] < 1e-5
 
 
-def test_segment_step_line(tmp_path):
-  rows = run_json_lines(["benchmarks/segment_step.py", "--model", "convvit_seg_tiny", "--img_size",
-                         "64", "--batch", "2", "--steps", "1", "--warmup", "1"], tmp_path)
-  assert len(rows) == 1
-  r = rows[0]
-  assert (r["model"], r["img_size"], r["batch"], r["steps"], r["dtype"]) == (
-      "convvit_seg_tiny", 64, 2, 1, "float32")
-  assert r["head_conv_impl"] == "matmul"                 # "auto" on CPU
-  for side in ("jax", "torch"):
-    assert r[f"{side}_step_s"] > 0
-    assert r[f"{side}_img_per_s"] == pytest.approx(2 / r[f"{side}_step_s"], rel=1e-2)
-  assert r["jax_speedup_vs_torch"] == pytest.approx(r["torch_step_s"] / r["jax_step_s"], rel=1e-2)
-
-
 def test_head_conv_lines(tmp_path):
   rows = run_json_lines(["benchmarks/head_conv.py", "--shape", "2x6x5x4", "--out", "3",
                          "--repeats", "1"], tmp_path)

@@ -27,7 +27,7 @@ def _text(cell) -> str:
 def test_notebook_runs_every_cell(tmp_path):
   nb = nbformat.read(NOTEBOOK, as_version=4)
   env_before = dict(os.environ)
-  os.environ.update(CONVMAE_NOTEBOOK_STEPS="60", CONVMAE_NOTEBOOK_WORKDIR=str(tmp_path / "run"),
+  os.environ.update(CONVMAE_NOTEBOOK_STEPS="30", CONVMAE_NOTEBOOK_WORKDIR=str(tmp_path / "run"),
                     PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                     JAX_PLATFORMS="cpu", TFDS_DATA_DIR=str(tmp_path / "tfds"))
   try:
@@ -46,7 +46,7 @@ def test_notebook_runs_every_cell(tmp_path):
   assert pngs >= 3, pngs
   text = "".join(_text(c) for c in code)
   m = re.search(r"step (\d+): loss ([0-9.]+) -> ([0-9.]+)", text)
-  assert m and int(m.group(1)) == 60 and float(m.group(3)) < float(m.group(2)), text[-2000:]
+  assert m and int(m.group(1)) == 30 and float(m.group(3)) < float(m.group(2)), text[-2000:]
   m = re.search(r"predictions max \|diff\| ([0-9.e+-]+)", text)
   assert m and float(m.group(1)) < 1e-4, text[-2000:]
   assert (tmp_path / "run" / "checkpoints").is_dir()
