@@ -60,7 +60,7 @@ def jax_runner(args, images, labels):
 def torch_runner(args, images, labels):
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   twin = torch_segmentor.torch_segmentor(args.model, img_size=args.img_size, drop_path_rate=0.2,
-                                         head={"num_classes": 150, "conv_impl": args.head_conv_impl}).to(dev).train()
+                                         head={"num_classes": 150}).to(dev).train()
   opt = torch.optim.AdamW(twin.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05)
   x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(dev)
   y = torch.from_numpy(labels).long().to(dev)

@@ -139,7 +139,7 @@ def conv_as_matmuls(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """A stride-1 k x k "same" conv (NHWC, HWIO) as k² matmuls of shifted views, summed. The same
   products as the convolution in another order: XLA:CPU runs the heads' wide 3x3 convs this way
   about 1.5x faster than as a convolution, forward and backward (768 -> 768 channels at 64², batch
-  2, AMD EPYC: 2.17 vs 3.25 s; oneDNN in PyTorch 1.60 s)."""
+  2, AMD EPYC: 2.35 vs 3.58 s; oneDNN in PyTorch 1.63 s; benchmarks/head_conv.py)."""
   k = kernel.shape[0]
   if k == 1:
     return jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0])

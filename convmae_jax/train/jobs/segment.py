@@ -173,9 +173,12 @@ class Segment(Job):
         raise ConfigError(f"config.init_from={init_from!r}: {e}") from None
 
   # ------------------------------------------------------------------------------------- model
-  def create_model(self):
+  def create_model(self, **backbone_overrides):
+    """The segmentor of the plan; ``backbone_overrides`` change backbone config fields (the eval
+    graph without remat)."""
     plan = self.plan.model_config
-    return upernet.Segmentor(plan.backbone, plan.head, rngs=nnx.Rngs(self.config.seed))
+    backbone = dataclasses.replace(plan.backbone, **backbone_overrides)
+    return upernet.Segmentor(backbone, plan.head, rngs=nnx.Rngs(self.config.seed))
 
   def make_schedule(self, total_steps: int, warmup_steps: float):
     return optim.WarmupPoly(peak_lr=float(self.config.lr), warmup_steps=float(warmup_steps),
@@ -244,12 +247,9 @@ class Segment(Job):
     """The loop's eval graph, without the backbone's remat when it is on: evaluation has no
     backward pass to save memory for, and nnx.remat cannot run inside the sliding-window loop (a
     scan over windows). The parameters and state are the same (remat is in the graph only)."""
-    plan = self.plan.model_config
-    if not plan.backbone.remat:
+    if not self.plan.model_config.backbone.remat:
       return setup.graphdef_eval
-    backbone = dataclasses.replace(plan.backbone, remat=False)
-    abstract = nnx.eval_shape(lambda: upernet.Segmentor(backbone, plan.head,
-                                                         rngs=nnx.Rngs(self.config.seed)))
+    abstract = nnx.eval_shape(lambda: self.create_model(remat=False))
     abstract.eval()
     graphdef, _, _ = nnx.split(abstract, self.trainable, ...)
     return graphdef
