@@ -91,12 +91,16 @@ def torch_step(job, args):
 
 
 def _variant_step(job, args, dwconv_backward: str, batch):
-  """jax_step with the depthwise conv's backward pass written out (the model's) or left to
-  autodiff of its K² taps (the formulation before it), traced and compiled by its first step here
-  (for an A/B in one process). Returns (step, state after step 0, compile seconds)."""
+  """jax_step with the depthwise conv's backward pass written out (the model's: "written"), written
+  out with the kernel gradient as K² shifted products ("taps", the form before the batched
+  matmuls) or left to autodiff of its K² taps ("autodiff"), traced and compiled by its first step
+  here (for an A/B in one process). Returns (step, state after step 0, compile seconds)."""
   original = models.layers.depthwise_conv_shift
+  original_kernel_grad = models.layers._kernel_grad
   if dwconv_backward == "autodiff":
     models.layers.depthwise_conv_shift = models.layers._shift_taps
+  if dwconv_backward == "taps":
+    models.layers._kernel_grad = models.layers._kernel_grad_taps
   try:
     step, params, opt, rest = jax_step(job, args)
     t0 = time.perf_counter()
@@ -105,6 +109,7 @@ def _variant_step(job, args, dwconv_backward: str, batch):
     return step, (params, opt, rest), time.perf_counter() - t0
   finally:
     models.layers.depthwise_conv_shift = original
+    models.layers._kernel_grad = original_kernel_grad
 
 
 def main():
@@ -119,15 +124,16 @@ def main():
   ap.add_argument("--dwconv_impl", default="auto", choices=("auto", "shift", "lax"),
                   help="the JAX model's depthwise conv (auto: shift on CPU)")
   ap.add_argument("--dwconv_backward", default="written",
-                  help="comma list of written (the model's), autodiff (autodiff of the shift conv's "
+                  help="comma list of written (the model's), taps (written, with the kernel "
+                       "gradient as K² shifted products), autodiff (autodiff of the shift conv's "
                        "taps): the JAX variants, timed in turns with the twin")
   ap.add_argument("--grad_barrier", default="on", choices=("on", "off"),
                   help="off: layers.grad_barrier becomes the plain identity (to measure what it saves)")
   args = ap.parse_args()
   variants = args.dwconv_backward.split(",")
-  if not variants or any(v not in ("written", "autodiff") for v in variants):
+  if not variants or any(v not in ("written", "taps", "autodiff") for v in variants):
     ap.error(f"--dwconv_backward {args.dwconv_backward!r} is not valid: expected a comma list of "
-             "written, autodiff")
+             "written, taps, autodiff")
   if args.grad_barrier == "off":
     models.layers.grad_barrier = lambda x: x
 

@@ -37,9 +37,14 @@ def main():
   ap.add_argument("--conv_impl", default="visible", help="visible | dense (same function)")
   ap.add_argument("--grad_barrier", default="on", choices=("on", "off"),
                   help="off: layers.grad_barrier becomes the plain identity (to measure what it saves)")
+  ap.add_argument("--dwconv_kernel_grad", default="matmul", choices=("matmul", "taps"),
+                  help="the shift depthwise conv's kernel gradient: matmul (the model's) or taps "
+                       "(K² shifted products, the form before)")
   args = ap.parse_args()
   if args.grad_barrier == "off":
     models.layers.grad_barrier = lambda x: x
+  if args.dwconv_kernel_grad == "taps":
+    models.layers._kernel_grad = models.layers._kernel_grad_taps
 
   model = models.create(args.model, rngs=nnx.Rngs(0), img_size=args.img_size, dtype=args.dtype,
                         dwconv_impl=args.dwconv_impl, conv_impl=args.conv_impl)

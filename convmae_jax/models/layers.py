@@ -122,6 +122,13 @@ class PatchConv(nnx.Module):
     return x @ kernel + self.bias[...].astype(self.dtype)
 
 
+def _fusion_break(a: jax.Array) -> jax.Array:
+  """The identity, as a conditional whose branches are both the identity: XLA cannot fuse through
+  a conditional, so `a` is computed once and stored (optimization_barrier does not do this on
+  XLA:CPU, which removes barriers before fusion)."""
+  return jax.lax.cond(jnp.isfinite(a.reshape(-1)[0]), lambda v: v, lambda v: v + 0, a)
+
+
 def _valid_taps(xp: jax.Array, kernel: jax.Array) -> jax.Array:
   """'VALID' depthwise conv of (M, H+K-1, W+K-1, C) as K² shifted multiply-adds → (M, H, W, C)."""
   k = kernel.shape[0]
@@ -143,13 +150,52 @@ def _shift_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return _valid_taps(_pad_hw(x, kernel.shape[0] // 2), kernel)
 
 
-def _kernel_grad(xp: jax.Array, g: jax.Array, kernel: jax.Array) -> jax.Array:
+def _kernel_grad_taps(xp: jax.Array, g: jax.Array, kernel: jax.Array) -> jax.Array:
   """d(sum(g · valid_taps(xp, kernel))) / d kernel: K² products summed over (M, H, W)."""
   k = kernel.shape[0]
   h, w = g.shape[1], g.shape[2]
   dk = jnp.stack([jnp.stack([jnp.sum(xp[:, i:i + h, j:j + w, :] * g, axis=(0, 1, 2))
                              for j in range(k)]) for i in range(k)])
   return dk[:, :, None, :].astype(kernel.dtype)
+
+
+def _diagonal_sums(p: jax.Array, k: int) -> jax.Array:
+  """p (C, W+k-1, W) → (k, C): row j is Σ_w p[:, w+j, w], read as strided slices of each flat
+  (W+k-1)·W block (entry (w+j, w) sits at j·W + w·(W+1))."""
+  c, v, w = p.shape
+  flat = p.reshape(c, v * w)
+  return jnp.stack([jnp.sum(lax.slice(flat, (0, j * w), (c, j * w + (w - 1) * (w + 1) + 1),
+                                      (1, w + 1)), axis=1) for j in range(k)])
+
+
+def _kernel_grad(xp: jax.Array, g: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The same kernel gradient as `_kernel_grad_taps`, as K batched matmuls over channels.
+
+  Per kernel row i and channel c, P = X_iᵀ·G contracts the (H, M) rows of the padded input
+  (rows i..i+H) with those of the output gradient, giving every (input column, output column)
+  product sum; tap (i, j) is the sum of P's j-th diagonal. The taps form has XLA:CPU write out
+  each of the K² shifted slices of the padded input before its reduction (and, in a training
+  step, share them with the forward pass's identical slices); this form writes the input once,
+  transposed, and K row slices of it (BENCHMARKS.md: the conv's forward + backward 1.10x at
+  ConvViT-B's stage 1, equal at stage 2; the fine-tuning step 1.02x).
+  """
+  k = kernel.shape[0]
+  m, h, w, c = g.shape
+  wp = w + k - 1
+  xt = jnp.transpose(xp, (3, 1, 0, 2))                          # (C, H+k-1, M, W+k-1)
+  if jax.default_backend() == "cpu":
+    # Transposed once and stored: otherwise XLA fuses the transpose into each of the K row
+    # slices below, K strided transposing copies of the whole map.
+    xt = _fusion_break(xt)
+  gt = jnp.transpose(g, (3, 1, 0, 2)).reshape(c, h * m, w)      # (C, H·M, W)
+  rows = []
+  for i in range(k):
+    xi = xt[:, i:i + h].reshape(c, h * m, wp)
+    p = lax.dot_general(xi, gt, (((1,), (1,)), ((0,), (0,))),
+                        precision=lax.Precision.HIGHEST,
+                        preferred_element_type=jnp.float32)      # (C, W+k-1, W)
+    rows.append(_diagonal_sums(p, k))
+  return jnp.stack(rows)[:, :, None, :].astype(kernel.dtype)
 
 
 # Autodiff of the taps makes XLA:CPU pad the K² shifted output gradients and add them into the
@@ -252,9 +298,6 @@ class DepthwiseConv(nnx.Module):
     return y + self.bias[...].astype(self.dtype)
 
 
-def _cotangent_break(g: jax.Array) -> jax.Array:
-  # XLA cannot fuse through a conditional; both branches are the identity.
-  return jax.lax.cond(jnp.isfinite(g.reshape(-1)[0]), lambda a: a, lambda a: a + 0, g)
 
 
 @jax.custom_vjp
@@ -262,7 +305,7 @@ def _grad_barrier(x: jax.Array) -> jax.Array:
   return x
 
 
-_grad_barrier.defvjp(lambda x: (x, None), lambda _, g: (_cotangent_break(g),))
+_grad_barrier.defvjp(lambda x: (x, None), lambda _, g: (_fusion_break(g),))
 
 
 def grad_barrier(x: jax.Array) -> jax.Array:
