@@ -30,7 +30,6 @@ from benchmarks import hostinfo  # noqa: E402
 from convmae_jax.models import layers  # noqa: E402
 
 
-
 @jax.custom_vjp
 def _written_taps_kernel_grad(x, kernel):
   return layers._shift_taps(x, kernel)
@@ -41,6 +40,7 @@ _written_taps_kernel_grad.defvjp(
     lambda res, g: (layers._shift_taps(g, res[1][::-1, ::-1]),
                     layers._kernel_grad_taps(layers._pad_hw(res[0], res[1].shape[0] // 2), g,
                                              res[1])))
+
 
 VARIANTS = {"written": layers.depthwise_conv_shift, "taps": _written_taps_kernel_grad,
             "autodiff": layers._shift_taps}
