@@ -105,6 +105,77 @@ def test_train_pipeline_steps():
   assert np.all(lab[:64, :64] <= 10)
 
 
+def test_bad_records_are_replaced_flagged_and_left_out_of_the_scores(caplog):
+  """A truncated image, a label map that is not an image and a pair of different sizes neither stop
+  the pipeline nor shift its batches: in training each is the mean-colour image (0 after
+  normalisation) with all-ignored labels, flagged with its split[index] and the decoder's message,
+  which the device prefetcher keeps on the host and the metrics window logs once; in evaluation
+  each is logged and left out (all-ignored labels). Good rows are what they would be without them."""
+  from PIL import Image
+  import io
+  from convmae_jax.data import pipeline
+  from convmae_jax.train import input_pipeline, metrics, sharding as sharding_lib
+
+  good = seg_data.read_split(data.get_builder(DEMO), "train", mask_key="annotation",
+                             num_examples=8)
+  small = io.BytesIO()
+  Image.fromarray(np.zeros((32, 32), np.uint8)).save(small, format="PNG")
+  bad = {1: (good[1][0][:200], good[1][1]),          # image cut short
+         4: (good[4][0], b"not an image"),             # label map unreadable
+         6: (good[6][0], small.getvalue())}           # 64x64 image, 32x32 label map
+  examples = [bad.get(i, ex) for i, ex in enumerate(good)]
+  kw = dict(global_batch_size=8, seed=0, start_step=0, process_index=0, process_count=1,
+            crop=(48, 48), scale=(64, 64), ratio_range=(0.8, 1.2), cat_max_ratio=0.75,
+            reduce_zero=False)
+  batch = next(seg_data.TrainBatches(examples, split="train", **kw))
+  clean = next(seg_data.TrainBatches(good, split="train", **kw))
+  order = seg_data.epoch_order(0, 0, 8)              # row r reads example order[r]
+  flagged = np.flatnonzero(batch[pipeline.BAD_KEY])
+  assert sorted(order[flagged].tolist()) == [1, 4, 6]
+  for r in range(8):
+    if r in flagged:
+      assert batch[pipeline.ID_KEY][r] == f"train[{order[r]}]".encode()
+      assert np.all(batch["image"][r] == 0) and np.all(batch["label"][r] == 255)
+    else:
+      assert batch[pipeline.REASON_KEY][r] == b""
+      np.testing.assert_array_equal(batch["image"][r], clean["image"][r])
+      np.testing.assert_array_equal(batch["label"][r], clean["label"][r])
+  reasons = {int(order[r]): batch[pipeline.REASON_KEY][r].decode() for r in flagged}
+  assert reasons[1].startswith("the image cannot be decoded")
+  assert reasons[4].startswith("the label map cannot be decoded")
+  assert reasons[6] == "the image is 64x64 but its label map 32x32"
+  # Through the device prefetcher (ids and reasons stay on the host) into the metrics window.
+  mesh = sharding_lib.make_mesh(-1, 1)
+  prefetch = input_pipeline.DevicePrefetcher(
+      iter([batch]), sharding_lib.batch_sharding(mesh), prefetch=1)
+  item = next(prefetch)
+  prefetch.close()
+  host = item[input_pipeline.DevicePrefetcher.HOST]
+  assert pipeline.ID_KEY not in item and int(np.sum(np.asarray(item[pipeline.BAD_KEY]))) == 3
+  window = metrics.MetricsWindow(writer=None, total_steps=1, batch_size=8, start_step=0)
+  with caplog.at_level("WARNING"):
+    window.note_bad_examples(1, host)
+    window.note_bad_examples(2, host)                # logged once per record
+  lines = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+  assert len(lines) == 3 and any("example train[6]" in m and "32x32" in m for m in lines)
+  # Evaluation: the bad ones are logged and scored nowhere; the others are as without them.
+  caplog.clear()
+  ev_kw = dict(global_batch_size=8, process_index=0, process_count=1, scale=(64, 64),
+               canvas=(64, 64), reduce_zero=False)
+  with caplog.at_level("WARNING"):
+    ev = seg_data.EvalBatches(examples, split="test", **ev_kw)
+  ev_clean = seg_data.EvalBatches(good, split="test", **ev_kw)
+  assert [b[0] for b in ev.bad] == ["test[1]", "test[4]", "test[6]"]
+  assert sum("left out of the scores" in r.getMessage() for r in caplog.records) == 3
+  (b,), (c,) = list(ev), list(ev_clean)
+  for r in range(8):
+    if r in (1, 4, 6):
+      assert np.all(b["label"][r] == 255)
+    else:
+      np.testing.assert_array_equal(b["label"][r], c["label"][r])
+      np.testing.assert_array_equal(b["image"][r], c["image"][r])
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("num_classes", 12, "num_classes=12 does not match"),
     ("mask_key", "segmentation", "no per-pixel label map 'segmentation'"),

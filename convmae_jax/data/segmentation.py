@@ -31,11 +31,19 @@ to it, where mmseg resizes the logits back to the original label map.
 
 Batches: ``{"image": float32 (B, H, W, 3), "label": int32 (B, H, W)}`` (+ ``"valid_hw"`` int32 (B, 2)
 in evaluation, whose padding rows are all-255 labels), B this process's rows of the global batch.
+
+Bad records: an example whose image or label map cannot be decoded, or whose two sizes differ, is
+never dropped (that would shift every later batch) nor allowed to stop the run. In training it is
+replaced by the mean-colour image with all-ignored labels (it adds nothing to the loss) and flagged
+in the batch (``bad``, ``example_id`` = ``"<split>[<index>]"``, the TFDS slice that reads it back,
+``bad_reason`` = the decoder's message), so the trainer logs it once and stops only past
+``max_bad_fraction`` (as for pretraining); in evaluation it is logged and left out of the scores.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 from typing import Iterator
 
 import numpy as np
@@ -86,15 +94,29 @@ def read_split(builder, split: str, *, mask_key: str, num_examples: int | None =
   return [(bytes(ex["image"]), bytes(ex[mask_key])) for ex in tfds.as_numpy(ds)]
 
 
+class BadRecord(ValueError):
+  """An example whose image or label map cannot be decoded, or whose sizes differ."""
+
+
 def decode(image_bytes: bytes, mask_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
-  """(RGB uint8 (h, w, 3), labels uint8 (h, w)) from encoded bytes (first channel of the map)."""
+  """(RGB uint8 (h, w, 3), labels uint8 (h, w)) from encoded bytes (first channel of the map).
+
+  Raises BadRecord naming what failed: the image or the label map cannot be decoded (truncated or
+  not an image), or their sizes differ."""
   from PIL import Image
-  with Image.open(io.BytesIO(image_bytes)) as im:
-    image = np.asarray(im.convert("RGB"), np.uint8)
-  with Image.open(io.BytesIO(mask_bytes)) as m:
-    labels = np.asarray(m, np.uint8)
+  arrays = {}
+  for name, raw in (("image", image_bytes), ("label map", mask_bytes)):
+    try:
+      with Image.open(io.BytesIO(raw)) as im:
+        arrays[name] = np.asarray(im.convert("RGB") if name == "image" else im, np.uint8)
+    except (OSError, ValueError, SyntaxError) as e:   # PIL's errors for broken files
+      raise BadRecord(f"the {name} cannot be decoded ({type(e).__name__}: {e})") from None
+  image, labels = arrays["image"], arrays["label map"]
   if labels.ndim == 3:
     labels = labels[..., 0]
+  if image.shape[:2] != labels.shape:
+    raise BadRecord(f"the image is {image.shape[1]}x{image.shape[0]} but its label map "
+                    f"{labels.shape[1]}x{labels.shape[0]}")
   return image, labels
 
 
@@ -221,11 +243,13 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 class TrainBatches:
-  """This process's training batches from ``start_step`` on (module docstring); an iterator."""
+  """This process's training batches from ``start_step`` on (module docstring); an iterator.
+  ``split`` names the examples' split in the ids of bad records."""
 
   def __init__(self, examples, *, global_batch_size: int, seed: int, start_step: int,
-               process_index: int, process_count: int, **transform):
+               process_index: int, process_count: int, split: str = "train", **transform):
     self.examples = examples
+    self.split = split
     self.batch = global_batch_size
     self.local = global_batch_size // process_count
     self.offset = process_index * self.local
@@ -240,7 +264,13 @@ class TrainBatches:
     if epoch not in self._orders:
       self._orders = {epoch: epoch_order(self.seed, epoch, n)}
     rng = np.random.default_rng((self.seed, 11, position))
-    return train_example(*self.examples[self._orders[epoch][i]], rng, **self.transform)
+    index = int(self._orders[epoch][i])
+    try:
+      return train_example(*self.examples[index], rng, **self.transform) + (index, "")
+    except BadRecord as e:
+      crop = self.transform["crop"]
+      return (np.zeros(tuple(crop) + (3,), np.float32), np.full(crop, IGNORE_INDEX, np.int32),
+              index, str(e))
 
   def __iter__(self) -> Iterator[dict]:
     return self
@@ -249,10 +279,11 @@ class TrainBatches:
     start = self.step * self.batch + self.offset
     rows = [self._example(start + r) for r in range(self.local)]
     self.step += 1
-    # BAD_KEY: rows the pipeline replaced because they could not be decoded; none here (an
-    # undecodable image stops the run with the decoder's error).
     return {"image": np.stack([r[0] for r in rows]), "label": np.stack([r[1] for r in rows]),
-            pipeline.BAD_KEY: np.zeros((self.local,), np.int32)}
+            pipeline.BAD_KEY: np.asarray([bool(r[3]) for r in rows]),
+            pipeline.ID_KEY: np.asarray([f"{self.split}[{r[2]}]".encode() for r in rows],
+                                        dtype=object),
+            pipeline.REASON_KEY: np.asarray([r[3].encode() for r in rows], dtype=object)}
 
   def close(self) -> None:
     pass
@@ -264,8 +295,9 @@ class EvalBatches:
   (decoded once, kept)."""
 
   def __init__(self, examples, *, global_batch_size: int, process_index: int, process_count: int,
-               scale, canvas, reduce_zero: bool):
+               scale, canvas, reduce_zero: bool, split: str = "validation"):
     self.num_examples = len(examples)
+    self.bad = []                      # (example id, reason) of the records left out
     local = global_batch_size // process_count
     n_batches = -(-len(examples) // global_batch_size)
     canvas = tuple(int(c) for c in canvas)
@@ -274,10 +306,17 @@ class EvalBatches:
       rows = []
       for r in range(local):
         i = b * global_batch_size + process_index * local + r
+        bad = None
         if i < len(examples):
-          rows.append(eval_example(*examples[i], scale=scale, canvas=canvas,
-                                   reduce_zero=reduce_zero))
-        else:
+          try:
+            rows.append(eval_example(*examples[i], scale=scale, canvas=canvas,
+                                     reduce_zero=reduce_zero))
+          except BadRecord as e:
+            bad = (f"{split}[{i}]", str(e))
+            self.bad.append(bad)
+            logging.getLogger(__name__).warning(
+                "Evaluation example %s cannot be used (%s); it is left out of the scores.", *bad)
+        if i >= len(examples) or bad:
           rows.append((np.zeros(canvas + (3,), np.float32),
                        np.full(canvas, IGNORE_INDEX, np.int32), canvas))
       self.batches.append({"image": np.stack([r[0] for r in rows]),

@@ -217,7 +217,7 @@ class Segment(Job):
     return seg_data.TrainBatches(
         self._examples(config.train_split), global_batch_size=config.batch_size, seed=config.seed,
         start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count(), crop=(crop, crop),
+        process_count=jax.process_count(), split=config.train_split, crop=(crop, crop),
         scale=tuple(int(v) for v in config.train_scale),
         ratio_range=tuple(float(v) for v in config.ratio_range),
         cat_max_ratio=float(config.cat_max_ratio), reduce_zero=bool(config.reduce_zero_label),
@@ -230,7 +230,7 @@ class Segment(Job):
         self._examples(config.eval_split, n), global_batch_size=config.eval_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
         scale=tuple(int(v) for v in config.test_scale), canvas=tuple(config.eval_canvas),
-        reduce_zero=bool(config.reduce_zero_label))
+        reduce_zero=bool(config.reduce_zero_label), split=config.eval_split)
     crop = int(config.crop_size)
     self.miou = SegmentationEvaluator(
         eval_data=eval_data, split=config.eval_split,
