@@ -119,20 +119,21 @@ def test_state_dict_keys_follow_mmseg_layout():
     iseg.load_segmentor_state_dict(dst, {**sd, "decode_head.conv_seg.weight": np.zeros((3, c, 1, 1))})
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_convs_as_matmuls_equal_the_convolution(k):
-  """The heads' CPU form of a "same" k x k conv (k² shifted matmuls) against lax's convolution:
-  outputs and both gradients (the parity tests below run the matmul form, "auto" on CPU)."""
-  rng = np.random.default_rng(k)
-  x = jnp.asarray(rng.standard_normal((2, 9, 7, 5)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((k, k, 5, 4)), jnp.float32)
-  t = jnp.asarray(rng.standard_normal((2, 9, 7, 4)), jnp.float32)
+@pytest.mark.parametrize("k,cin,cout", [(1, 5, 4), (3, 5, 4), (3, 4, 6)])
+def test_convs_as_matmuls_equal_the_convolution(k, cin, cout):
+  """The heads' CPU form of a "same" k x k conv (k² shifted matmuls, products first when the conv
+  narrows the channels; its written-out backward) against lax's convolution: outputs and both
+  gradients (the parity tests below run the matmul form, "auto" on CPU)."""
+  rng = np.random.default_rng(k + cout)
+  x = jnp.asarray(rng.standard_normal((2, 9, 7, cin)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, cin, cout)), jnp.float32)
+  t = jnp.asarray(rng.standard_normal((2, 9, 7, cout)), jnp.float32)
   lax_conv = lambda x, w: jax.lax.conv_general_dilated(
       x, w, (1, 1), [(k // 2, k // 2)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
   outs = {}
   for name, f in (("matmul", upernet.conv_as_matmuls), ("lax", lax_conv)):
     outs[name] = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(f(x, w) * t), argnums=(0, 1)))(x, w)
-    assert f(x, w).shape == (2, 9, 7, 4)
+    assert f(x, w).shape == (2, 9, 7, cout)
   np.testing.assert_allclose(outs["matmul"][0], outs["lax"][0], rtol=1e-5)
   for a, b in zip(outs["matmul"][1], outs["lax"][1]):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -135,23 +135,74 @@ def resolve_conv_impl(impl: str) -> str:
   return impl
 
 
-def conv_as_matmuls(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """A stride-1 k x k "same" conv (NHWC, HWIO) as k² matmuls of shifted views, summed. The same
-  products as the convolution in another order: XLA:CPU runs the heads' wide 3x3 convs this way
-  about 1.5x faster than as a convolution, forward and backward (768 -> 768 channels at 64², batch
-  2, AMD EPYC: 2.35 vs 3.58 s; oneDNN in PyTorch 1.63 s; benchmarks/head_conv.py)."""
-  k = kernel.shape[0]
-  if k == 1:
-    return jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0])
+def _im2col(x: jax.Array, k: int) -> jax.Array:
+  """(N, H, W, C) → (N, H, W, k, k, C): the k x k zero-padded neighbourhood of every position."""
   p = k // 2
   h, w = x.shape[1:3]
   xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  return jnp.stack([jnp.stack([xp[:, i:i + h, j:j + w] for j in range(k)], axis=3)
+                    for i in range(k)], axis=3)
+
+
+def _same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A "same" k x k conv as matmuls, through whichever side is narrower: widening (C <= O), the
+  k² neighbourhoods of x against the kernel (one matmul of k²·C columns); narrowing (C > O), x
+  against all k² taps first (k²·O columns), then the k² shifted views of those products summed.
+  Either way the transient is k² maps of min(C, O) channels, and one large matmul does the work."""
+  k = kernel.shape[0]
+  n, h, w, c = x.shape
+  o = kernel.shape[-1]
+  if c <= o:
+    return jnp.einsum("nhwijc,ijco->nhwo", _im2col(x, k), kernel)
+  p = k // 2
+  taps = jnp.einsum("nhwc,ijco->nhwijo", x, kernel)
+  taps = jnp.pad(taps, ((0, 0), (p, p), (p, p), (0, 0), (0, 0), (0, 0)))
   out = None
   for i in range(k):
     for j in range(k):
-      term = jnp.einsum("nhwc,co->nhwo", xp[:, i:i + h, j:j + w, :], kernel[i, j])
+      term = taps[:, i:i + h, j:j + w, i, j]
       out = term if out is None else out + term
   return out
+
+
+@jax.custom_vjp
+def _conv_as_matmuls(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return _same_conv(x, kernel)
+
+
+def _conv_fwd(x, kernel):
+  return _same_conv(x, kernel), (x, kernel)
+
+
+def _conv_bwd(res, g):
+  x, kernel = res
+  k = kernel.shape[0]
+  # The input gradient is the "same" conv of g with the kernel flipped and in/out swapped. Tap
+  # (i, j)'s kernel gradient is the input's (i, j) neighbour against g, or equally the input
+  # against g's (k-1-i, k-1-j) neighbour: the neighbourhoods are taken of the narrower of the two.
+  dx = _same_conv(g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3))
+  if x.shape[-1] <= g.shape[-1]:
+    dk = jnp.einsum("nhwijc,nhwo->ijco", _im2col(x, k), g)
+  else:
+    dk = jnp.einsum("nhwc,nhwijo->ijco", x, _im2col(g, k)[:, :, :, ::-1, ::-1])
+  return dx, dk.astype(kernel.dtype)
+
+
+_conv_as_matmuls.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_as_matmuls(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A stride-1 k x k "same" conv (NHWC, HWIO) as matmuls of shifted views (`_same_conv`): the same
+  products as the convolution in another order, which XLA:CPU runs faster than its convolution
+  (benchmarks/head_conv.py, BENCHMARKS.md).
+
+  The backward pass is written out (a custom VJP) so that it keeps only the input: autodiff of k²
+  shifted matmuls kept the k² shifted views of it for the kernel gradient, k² times the input's
+  memory per conv (a Base UperNet step at 512 px, batch 2, no longer fitted in 24 GB)."""
+  k = kernel.shape[0]
+  if k == 1:
+    return jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0])
+  return _conv_as_matmuls(x, kernel)
 
 
 class Conv2d(nnx.Module):
