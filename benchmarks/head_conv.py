@@ -4,13 +4,16 @@ the UperNet heads can use, beside PyTorch's conv2d (oneDNN on CPU), in one proce
     python benchmarks/head_conv.py --shape 2x64x64x768 --out 768
 
 * ``lax``: ``lax.conv_general_dilated`` (the heads' ``conv_impl="lax"``);
-* ``matmul``: nine matmuls of shifted views of the padded input, summed
-  (``upernet.conv_as_matmuls``, ``conv_impl="matmul"``, the default on CPU);
-* ``im2col``: the nine views concatenated along channels, one matmul (9x the input's memory);
+* ``matmul``: ``upernet.conv_as_matmuls`` (``conv_impl="matmul"``, the default on CPU): the
+  nine shifted views of the narrower side (the input when the conv widens, the products of the
+  input with the nine taps when it narrows) and one matmul, with its written-out backward;
+* ``im2col``: the nine views of the input concatenated along channels, one matmul, autodiff;
 * ``torch``: ``torch.nn.functional.conv2d`` + ``backward``.
 
-Prints one JSON line per form: the best of ``--repeats`` timings (after one warm-up) and the
-largest difference of its output from ``lax``'s.
+Prints one JSON line per form: the best of ``--repeats`` timings (after one warm-up), the
+largest difference of its output from ``lax``'s and, for the JAX forms, the compiled memory: what
+the forward keeps for the backward (``residual_bytes``) and the transient buffers of forward +
+backward (``fwd_bwd_temp_bytes``).
 """
 
 import argparse
@@ -76,8 +79,14 @@ def main():
     grad = jax.jit(jax.grad(lambda a, b: 1e-6 * jnp.sum(conv(a, b) ** 2), argnums=(0, 1)))
     seconds = best_time(lambda: jax.block_until_ready(grad(xj, kj)), args.repeats)
     diff = float(np.max(np.abs(np.asarray(jax.jit(conv)(xj, kj)) - ref)))
+    # Compiled memory: what the forward keeps for the backward (the VJP's residuals), and the
+    # fwd+bwd program's transient buffers.
+    kept = jax.jit(lambda a, b, conv=conv: jax.vjp(conv, a, b)[1]).lower(xj, kj).compile()
+    temp = grad.lower(xj, kj).compile().memory_analysis()
     print(json.dumps({"form": name, "s_fwd_bwd": round(seconds, 4), "max_abs_diff_vs_lax": diff,
-                      **common}), flush=True)
+                      "residual_bytes": int(kept.memory_analysis().output_size_in_bytes),
+                      "fwd_bwd_temp_bytes": int(temp.temp_size_in_bytes), **common}),
+          flush=True)
   xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_()
   kt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous().requires_grad_()
 
