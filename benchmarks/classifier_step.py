@@ -95,12 +95,12 @@ def _variant_step(job, args, dwconv_backward: str, batch):
   out with the kernel gradient as K² shifted products ("taps", the form before the batched
   matmuls) or left to autodiff of its K² taps ("autodiff"), traced and compiled by its first step
   here (for an A/B in one process). Returns (step, state after step 0, compile seconds)."""
-  original = models.layers.depthwise_conv_shift
-  original_kernel_grad = models.layers._kernel_grad
+  original = models.dwconv.depthwise_conv_shift
+  original_kernel_grad = models.dwconv._kernel_grad
   if dwconv_backward == "autodiff":
-    models.layers.depthwise_conv_shift = models.layers._shift_taps
+    models.dwconv.depthwise_conv_shift = models.dwconv._shift_taps
   if dwconv_backward == "taps":
-    models.layers._kernel_grad = models.layers._kernel_grad_taps
+    models.dwconv._kernel_grad = models.dwconv._kernel_grad_taps
   try:
     step, params, opt, rest = jax_step(job, args)
     t0 = time.perf_counter()
@@ -108,8 +108,8 @@ def _variant_step(job, args, dwconv_backward: str, batch):
     jax.block_until_ready(m)
     return step, (params, opt, rest), time.perf_counter() - t0
   finally:
-    models.layers.depthwise_conv_shift = original
-    models.layers._kernel_grad = original_kernel_grad
+    models.dwconv.depthwise_conv_shift = original
+    models.dwconv._kernel_grad = original_kernel_grad
 
 
 def main():

@@ -1,5 +1,5 @@
 """The 5×5 depthwise conv's forward + backward on ConvViT-B's stage maps: its written-out backward
-(the model's, ``layers.depthwise_conv_shift``), the same with the kernel gradient as K² shifted
+(the model's, ``dwconv.depthwise_conv_shift``), the same with the kernel gradient as K² shifted
 products (``taps``, the form before the batched matmuls) and autodiff of the K² shifted taps, in
 one process, taking turns.
 
@@ -27,23 +27,23 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import hostinfo  # noqa: E402
-from convmae_jax.models import layers  # noqa: E402
+from convmae_jax.models import dwconv, layers  # noqa: E402
 
 
 @jax.custom_vjp
 def _written_taps_kernel_grad(x, kernel):
-  return layers._shift_taps(x, kernel)
+  return dwconv._shift_taps(x, kernel)
 
 
 _written_taps_kernel_grad.defvjp(
-    lambda x, k: (layers._shift_taps(x, k), (x, k)),
-    lambda res, g: (layers._shift_taps(g, res[1][::-1, ::-1]),
-                    layers._kernel_grad_taps(layers._pad_hw(res[0], res[1].shape[0] // 2), g,
+    lambda x, k: (dwconv._shift_taps(x, k), (x, k)),
+    lambda res, g: (dwconv._shift_taps(g, res[1][::-1, ::-1]),
+                    dwconv._kernel_grad_taps(dwconv._pad_hw(res[0], res[1].shape[0] // 2), g,
                                              res[1])))
 
 
-VARIANTS = {"written": layers.depthwise_conv_shift, "taps": _written_taps_kernel_grad,
-            "autodiff": layers._shift_taps}
+VARIANTS = {"written": dwconv.depthwise_conv_shift, "taps": _written_taps_kernel_grad,
+            "autodiff": dwconv._shift_taps}
 
 
 def main(argv=None):

@@ -44,7 +44,7 @@ def main():
   if args.grad_barrier == "off":
     models.layers.grad_barrier = lambda x: x
   if args.dwconv_kernel_grad == "taps":
-    models.layers._kernel_grad = models.layers._kernel_grad_taps
+    models.dwconv._kernel_grad = models.dwconv._kernel_grad_taps
 
   model = models.create(args.model, rngs=nnx.Rngs(0), img_size=args.img_size, dtype=args.dtype,
                         dwconv_impl=args.dwconv_impl, conv_impl=args.conv_impl)
@@ -79,7 +79,7 @@ def main():
   n_dev = 1
   print(json.dumps({
       "model": args.model, "img_size": args.img_size, "batch": args.batch, "dtype": args.dtype,
-      "dwconv_impl": models.layers.resolve_dwconv_impl(args.dwconv_impl),
+      "dwconv_impl": models.dwconv.resolve_dwconv_impl(args.dwconv_impl),
       "conv_impl": args.conv_impl, "grad_barrier": args.grad_barrier,
       "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
       "cpu": hostinfo.cpu_name(),

@@ -81,7 +81,7 @@ def main(argv=None):
   for sweep, model, size, batch in points:
     ns = argparse.Namespace(model=model, img_size=size, batch=batch, dtype=dtype)
     side = step_vs_torch.JaxSide(ns, args.conv_impl,
-                                 models.layers.resolve_dwconv_impl(args.dwconv_impl),
+                                 models.dwconv.resolve_dwconv_impl(args.dwconv_impl),
                                  args.remat == "on", False)
     side.run(1)
     times = [side.run(inner) for _ in range(args.steps)]

@@ -341,7 +341,7 @@ def main(argv=None):
   for conv_impl, dwconv_impl, attention_impl, remat, comp in itertools.product(
       lists["conv_impl"], lists["dwconv_impl"], lists["attention_impl"], lists["remat"],
       lists["complementary"]):
-    side = JaxSide(args, conv_impl, models.layers.resolve_dwconv_impl(dwconv_impl), remat == "on",
+    side = JaxSide(args, conv_impl, models.dwconv.resolve_dwconv_impl(dwconv_impl), remat == "on",
                    comp == "on", attention_impl)
     print(f"compiled {side.name} in {side.compile_s:.1f} s", file=sys.stderr, flush=True)
     sides.append(side)

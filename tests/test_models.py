@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from convmae_jax import models
-from convmae_jax.models import layers
+from convmae_jax.models import dwconv, layers
 
 
 def _images(n, size, seed=0):
@@ -227,12 +227,12 @@ def test_depthwise_impls_agree():
   x = jax.random.normal(key, (2, 12, 9, 8))
   k = jax.random.normal(jax.random.key(1), (5, 5, 1, 8))
   g = jax.random.normal(jax.random.key(2), (2, 12, 9, 8))
-  a = layers.depthwise_conv_shift(x, k)
-  b = layers.depthwise_conv_lax(x, k)
+  a = dwconv.depthwise_conv_shift(x, k)
+  b = dwconv.depthwise_conv_lax(x, k)
   assert float(jnp.max(jnp.abs(a - b))) < 1e-5
   grads = {name: jax.grad(lambda x, k: jnp.sum(f(x, k) * g), argnums=(0, 1))(x, k)
-           for name, f in (("shift", layers.depthwise_conv_shift), ("lax", layers.depthwise_conv_lax),
-                           ("autodiff", layers._shift_taps))}
+           for name, f in (("shift", dwconv.depthwise_conv_shift), ("lax", dwconv.depthwise_conv_lax),
+                           ("autodiff", dwconv._shift_taps))}
   for name in ("lax", "autodiff"):
     for got, want, tol in zip(grads["shift"], grads[name], (1e-5, 1e-4)):   # dx, dkernel
       assert got.shape == want.shape
@@ -242,10 +242,10 @@ def test_depthwise_impls_agree():
   gv = jax.random.normal(jax.random.key(4), (6, 4, 3, 8))
   lax_valid = lambda w, k: jax.lax.conv_general_dilated(
       w, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=8)
-  assert float(jnp.max(jnp.abs(layers.depthwise_conv_valid(w, k) - lax_valid(w, k)))) < 1e-5
+  assert float(jnp.max(jnp.abs(dwconv.depthwise_conv_valid(w, k) - lax_valid(w, k)))) < 1e-5
   grads = {name: jax.grad(lambda w, k: jnp.sum(f(w, k) * gv), argnums=(0, 1))(w, k)
-           for name, f in (("shift", layers.depthwise_conv_valid), ("lax", lax_valid),
-                           ("autodiff", layers._valid_taps))}
+           for name, f in (("shift", dwconv.depthwise_conv_valid), ("lax", lax_valid),
+                           ("autodiff", dwconv._valid_taps))}
   for name in ("lax", "autodiff"):
     for got, want, tol in zip(grads["shift"], grads[name], (1e-5, 1e-4)):
       assert got.shape == want.shape
