@@ -150,7 +150,7 @@ def _same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   against all k² taps first (k²·O columns), then the k² shifted views of those products summed.
   Either way the transient is k² maps of min(C, O) channels, and one large matmul does the work."""
   k = kernel.shape[0]
-  n, h, w, c = x.shape
+  _, h, w, c = x.shape
   o = kernel.shape[-1]
   if c <= o:
     return jnp.einsum("nhwijc,ijco->nhwo", _im2col(x, k), kernel)
