@@ -5,11 +5,16 @@
 Fine-tuning step: forward + backward + AdamW with layer-wise lr decay, drop path 0.1, soft-target
 cross entropy on mixup-style soft targets (the JAX step is `train.step.build_train_step`, as the trainer
 runs it). Linear-probe step: the frozen encoder forward (no backward through it) + BatchNorm + head +
-LARS. The two sides alternate A B A B and the medians are compared. Prints one JSON line per job
-with each side's median step time, images/s and the JAX/PyTorch speed ratio.
+LARS. Evaluation step (``--jobs eval``): the model's forward pass in eval mode (PyTorch under
+``no_grad``). The sides alternate A B A B and the medians are compared. Prints one JSON line per
+job and JAX variant with each side's median step time, images/s and the JAX/PyTorch speed ratio.
+JAX variants (timed in turns with the twin): ``--dwconv_backward`` (the depthwise conv's backward
+forms) and ``--cpu_matmuls`` (the trainer's config.cpu_matmuls, train/xla_cpu.py: which library
+runs XLA:CPU's matrix products; "auto" is what the trainer does).
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -28,11 +33,33 @@ from flax import nnx  # noqa: E402
 from benchmarks import hostinfo  # noqa: E402
 from convmae_jax import interop, models  # noqa: E402
 from convmae_jax.train import losses, optim, sharding as sharding_lib, step as step_lib  # noqa: E402
+from convmae_jax.train import xla_cpu  # noqa: E402
 from convmae_jax.train.jobs.classify import trainable_filter  # noqa: E402
 
 
-def jax_step(job, args):
-  """A compiled (params, opt, rest, batch, step) step and its initial state."""
+def eval_step(args, cpu_matmuls: str = "auto"):
+  """The evaluation forward pass (model in eval mode, logits of a batch), jitted as the trainer's
+  evaluator jits it (forward-only: Eigen under "auto"), in the (params, opt, rest, batch, step)
+  shape of the training steps (``opt`` unused, returned as is)."""
+  model = models.create(args.model, rngs=nnx.Rngs(0), img_size=args.img_size, num_classes=1000,
+                        global_pool=True, dtype=args.dtype,
+                        dwconv_impl=getattr(args, "dwconv_impl", "auto"))
+  model.eval()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  forward = jax.jit(lambda p, r, images: nnx.merge(graphdef, p, r)(images),
+                    compiler_options=xla_cpu.compiler_options(
+                        cpu_matmuls, forward_only=True,
+                        product=xla_cpu.stage1_product(model.config, args.batch)))
+
+  def step(p, opt, r, batch, step_index):
+    del step_index
+    return p, opt, r, forward(p, r, batch["image"])
+  return step, params, None, rest
+
+
+def jax_step(job, args, cpu_matmuls: str = "auto"):
+  """A compiled (params, opt, rest, batch, step) step and its initial state; ``cpu_matmuls`` as the
+  trainer's config.cpu_matmuls (train/xla_cpu.py: "auto" is Eigen for the linear probe)."""
   model = models.create(args.model, rngs=nnx.Rngs(0), img_size=args.img_size, num_classes=1000,
                         drop_path_rate=0.1 if job == "finetune" else 0.0,
                         global_pool=job == "finetune", head_batchnorm=job == "linprobe",
@@ -55,12 +82,24 @@ def jax_step(job, args):
 
   step = step_lib.build_train_step(graphdef=graphdef, param_filter=trainable, loss_fn=loss_fn, tx=tx,
                                schedule=schedule, shardings=sh, batch_size=args.batch, seed=0,
-                               batch_keys=("image", "target"))
+                               batch_keys=("image", "target"),
+                               compiler_options=xla_cpu.compiler_options(
+                                   cpu_matmuls, forward_only=job == "linprobe",
+                                   product=xla_cpu.stage1_product(model.config, args.batch)))
   return step, params, tx.init(params), rest
 
 
 def torch_step(job, args):
   torch.manual_seed(0)
+  if job == "eval":
+    model = interop.torch_model(args.model, img_size=args.img_size, num_classes=1000,
+                                global_pool=True).eval()
+
+    def forward(images, target):
+      del target
+      with torch.no_grad():
+        return model(images)
+    return forward
   model = interop.torch_model(args.model, img_size=args.img_size, num_classes=1000,
                               drop_path_rate=0.1 if job == "finetune" else 0.0,
                               global_pool=job == "finetune")
@@ -90,7 +129,7 @@ def torch_step(job, args):
   return step
 
 
-def _variant_step(job, args, dwconv_backward: str, batch):
+def _variant_step(job, args, dwconv_backward: str, cpu_matmuls: str, batch):
   """jax_step with the depthwise conv's backward pass written out (the model's: "written"), written
   out with the kernel gradient as K² shifted products ("taps", the form before the batched
   matmuls) or left to autodiff of its K² taps ("autodiff"), traced and compiled by its first step
@@ -102,7 +141,8 @@ def _variant_step(job, args, dwconv_backward: str, batch):
   if dwconv_backward == "taps":
     models.dwconv._kernel_grad = models.dwconv._kernel_grad_taps
   try:
-    step, params, opt, rest = jax_step(job, args)
+    make = eval_step if job == "eval" else functools.partial(jax_step, job)
+    step, params, opt, rest = make(args, cpu_matmuls)
     t0 = time.perf_counter()
     params, opt, rest, m = step(params, opt, rest, batch, np.int32(0))
     jax.block_until_ready(m)
@@ -120,23 +160,34 @@ def main():
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--dtype", default="float32")
-  ap.add_argument("--jobs", default="finetune,linprobe")
+  ap.add_argument("--jobs", default="finetune,linprobe",
+                  help="comma list of finetune, linprobe, eval (the evaluation forward pass)")
   ap.add_argument("--dwconv_impl", default="auto", choices=("auto", "shift", "lax"),
                   help="the JAX model's depthwise conv (auto: shift on CPU)")
   ap.add_argument("--dwconv_backward", default="written",
                   help="comma list of written (the model's), taps (written, with the kernel "
                        "gradient as K² shifted products), autodiff (autodiff of the shift conv's "
                        "taps): the JAX variants, timed in turns with the twin")
+  ap.add_argument("--cpu_matmuls", default="auto",
+                  help="comma list of auto, ynnpack, eigen (the trainer's config.cpu_matmuls: the "
+                       "library of XLA:CPU's matrix products): more JAX variants, timed in turns")
   ap.add_argument("--grad_barrier", default="on", choices=("on", "off"),
                   help="off: layers.grad_barrier becomes the plain identity (to measure what it saves)")
   args = ap.parse_args()
-  variants = args.dwconv_backward.split(",")
-  if not variants or any(v not in ("written", "taps", "autodiff") for v in variants):
+  backward_forms = args.dwconv_backward.split(",")
+  if not backward_forms or any(v not in ("written", "taps", "autodiff") for v in backward_forms):
     ap.error(f"--dwconv_backward {args.dwconv_backward!r} is not valid: expected a comma list of "
              "written, taps, autodiff")
+  libraries = args.cpu_matmuls.split(",")
+  if any(v not in xla_cpu.CPU_MATMULS for v in libraries):
+    ap.error(f"--cpu_matmuls {args.cpu_matmuls!r} is not valid: expected a comma list of "
+             f"{', '.join(xla_cpu.CPU_MATMULS)}")
+  variants = [(b, c) for b in backward_forms for c in libraries]
   if args.grad_barrier == "off":
     models.layers.grad_barrier = lambda x: x
 
+  if any(j not in ("finetune", "linprobe", "eval") for j in args.jobs.split(",")):
+    ap.error(f"--jobs {args.jobs!r} is not valid: expected a comma list of finetune, linprobe, eval")
   rng = np.random.default_rng(0)
   images = rng.normal(size=(args.batch, args.img_size, args.img_size, 3)).astype(np.float32)
   target = rng.dirichlet(np.ones(1000), size=args.batch).astype(np.float32)
@@ -144,7 +195,7 @@ def main():
   for job in args.jobs.split(","):
     sides, compile_s = {}, {}
     for v in variants:
-      step, state, compile_s[v] = _variant_step(job, args, v, batch)
+      step, state, compile_s[v] = _variant_step(job, args, *v, batch)
       sides[v] = [step, state]
     tstep = torch_step(job, args)
     timg = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -169,7 +220,10 @@ def main():
       j_med = statistics.median(times[v])
       print(json.dumps({
           "job": job, "model": args.model, "img_size": args.img_size, "batch": args.batch,
-          "jax_dtype": args.dtype, "dwconv_impl": args.dwconv_impl, "dwconv_backward": v,
+          "jax_dtype": args.dtype, "dwconv_impl": args.dwconv_impl, "dwconv_backward": v[0],
+          "cpu_matmuls": v[1], "cpu_matmuls_resolved": xla_cpu.resolve(
+              v[1], forward_only=job != "finetune", product=xla_cpu.stage1_product(
+                  models.config_for(args.model, img_size=args.img_size), args.batch)) if not xla_cpu.user_flag_set() else "XLA_FLAGS",
           "grad_barrier": args.grad_barrier, "backend": jax.default_backend(),
           "device": str(jax.devices()[0].device_kind), "cpu": hostinfo.cpu_name(),
           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),

@@ -130,3 +130,30 @@ def test_head_conv_lines(tmp_path):
   # autodiff of the im2col form keeps the nine shifted views as well.
   assert rows[1]["residual_bytes"] == rows[0]["residual_bytes"] < rows[2]["residual_bytes"]
   assert all(r["fwd_bwd_temp_bytes"] >= 0 for r in rows[:3])
+
+
+def test_cpu_matmuls_lines(tmp_path):
+  rows = run_json_lines(["benchmarks/cpu_matmuls.py", "--model", "convvit_tiny", "--img_size", "32",
+                         "--batch", "2", "--repeats", "1"], tmp_path)
+  # Stages 1-2: conv1/conv2, fc1, fc2; stage 3: qkv, proj, fc1, fc2; three forms each.
+  assert len(rows) == 10 * 3
+  assert {r["form"] for r in rows} == {"forward", "input_grad", "weight_grad"}
+  first = [r for r in rows if r["product"] == "stage1 fc1"]
+  c = first[0]["m_k_n"][1]
+  assert {tuple(r["m_k_n"]) for r in first} == {(2 * 8 * 8, c, 4 * c), (c, 2 * 8 * 8, 4 * c)}
+  for r in rows:
+    assert r["ynnpack_ms"] > 0 and r["eigen_ms"] > 0
+    assert r["eigen_speed"] == pytest.approx(r["ynnpack_ms"] / r["eigen_ms"], rel=0.01)
+    assert r["max_rel_diff"] < 1e-5          # the same products up to summation order
+
+
+def test_classifier_step_lines(tmp_path):
+  rows = run_json_lines(["benchmarks/classifier_step.py", "--model", "convvit_tiny", "--img_size",
+                         "32", "--batch", "2", "--steps", "1", "--warmup", "0", "--jobs",
+                         "linprobe,eval", "--cpu_matmuls", "auto,eigen"], tmp_path)
+  assert [(r["job"], r["cpu_matmuls"], r["cpu_matmuls_resolved"]) for r in rows] == [
+      ("linprobe", "auto", "ynnpack"), ("linprobe", "eigen", "eigen"),     # tiny: YNNPACK
+      ("eval", "auto", "ynnpack"), ("eval", "eigen", "eigen")]
+  for r in rows:
+    assert r["jax_step_s"] > 0 and r["torch_step_s"] > 0
+    assert r["jax_vs_torch_speed"] == pytest.approx(r["torch_step_s"] / r["jax_step_s"], rel=0.05)

@@ -228,11 +228,18 @@ def test_short_finetune_learns_the_digits(tmp_path):
   assert final["top1"] >= 75.0, final
 
 
-def test_linear_probe_trains_the_head_only(tmp_path):
+def test_linear_probe_trains_the_head_only(tmp_path, caplog):
   encoder = models.create("convmae_tiny", rngs=nnx.Rngs(5), img_size=32)
   checkpoints.save_model(tmp_path / "pre", encoder,
                          {"model_name": "convmae_tiny", "model_kwargs": encoder.config.to_dict()})
-  result = run(tmp_path / "lin", job="linprobe", init_from=str(tmp_path / "pre"))
+  # cpu_matmuls="eigen": the step and the evaluation compiled with XLA:CPU's own matrix products
+  # (what "auto" picks for a large linear probe), unless XLA_FLAGS sets the library.
+  with caplog.at_level("INFO"):
+    result = run(tmp_path / "lin", job="linprobe", init_from=str(tmp_path / "pre"),
+                 cpu_matmuls="eigen")
+  if jax.default_backend() == "cpu" and "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+    assert "Training step: matrix products on CPU: Eigen" in caplog.text
+    assert "Evaluation: matrix products on CPU: Eigen" in caplog.text
   model = result.model
   # The encoder equals the checkpoint; the head moved; BatchNorm statistics were updated.
   np.testing.assert_array_equal(model.blocks3[0].attn.qkv.kernel[...],
@@ -302,6 +309,9 @@ def test_bad_inputs_are_refused_before_compute(tmp_path, reference):
   # Mixup with an odd batch.
   with pytest.raises(ConfigError, match="batch_size=33 is odd"):
     run(tmp_path / "e", batch_size=33)
+  # A matrix product library that does not exist.
+  with pytest.raises(ConfigError, match="cpu_matmuls='mkl' is not accepted; use 'auto'"):
+    run(tmp_path / "f", cpu_matmuls="mkl")
   # Nothing was written by any refused run.
-  for name in "abcde":
+  for name in "abcdef":
     assert not (tmp_path / name / "checkpoints").exists()

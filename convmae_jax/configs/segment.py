@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.drop_path_rate = 0.2
   c.dtype = "bfloat16"            # compute dtype; params, BN statistics and the loss stay float32
   c.remat = False                 # recompute backbone blocks in the backward pass (less memory)
+  c.cpu_matmuls = "auto"          # XLA:CPU matrix products: "auto" | "ynnpack" | "eigen" (train/xla_cpu.py)
   c.init_from = ""                # pretraining workdir, model-only checkpoint or .pth; "" = random
 
   # Heads (mmseg UPerHead + FCNHead).

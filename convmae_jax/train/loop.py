@@ -34,6 +34,7 @@ from convmae_jax.train import input_pipeline, logs, optim, peers, schedule as sc
 from convmae_jax.train import sharding as sharding_lib
 from convmae_jax.train import state as state_lib
 from convmae_jax.train import workdir as workdir_lib
+from convmae_jax.train import xla_cpu
 from convmae_jax.train.errors import BadRecordsError, RollbackRequest
 from convmae_jax.train.metrics import MetricsWindow, min_examples_for_bad_check
 from convmae_jax.train.profiler import Profiler
@@ -99,6 +100,7 @@ class Job:
 
   trainable: Any = nnx.Param                 # nnx filter of the parameters that train
   batch_keys: tuple[str, ...] = ("image",)   # batch features the step reads
+  forward_only_step = False                  # no backward pass through the encoder (linear probe)
 
   def __init__(self, config, plan: RunPlan):
     self.config = config
@@ -218,6 +220,10 @@ def run(job: Job, workdir: str, *, on_log=None) -> TrainResult:
     # ===================================== The step ============================================
     step_keys = job.batch_keys + (data.BAD_KEY,)
     nonfinite = config.get("nonfinite", "stop")
+    step_options, line = xla_cpu.choose(
+        config, job.plan.model_config, job.plan.mesh_shape, forward_only=job.forward_only_step,
+        batch_size=config.batch_size // config.grad_accum_steps)
+    logging.info("Training step: %s.", line)
 
     def make_step(graphdef_):
       return build_train_step(
@@ -226,7 +232,8 @@ def run(job: Job, workdir: str, *, on_log=None) -> TrainResult:
           shardings=sh, batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps,
           remat=config.get("remat", False), seed=config.seed,
           skip_nonfinite=nonfinite == "skip", batch_keys=step_keys,
-          prepare=lambda batch, step: job.prepare(setup, batch, step))
+          prepare=lambda batch, step: job.prepare(setup, batch, step),
+          compiler_options=step_options)
 
     train_step = make_step(graphdef)
     recovery = None

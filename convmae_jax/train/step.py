@@ -5,7 +5,7 @@ and the non-finite skip."""
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,8 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
                      schedule, shardings: StateShardings, batch_size: int, grad_accum_steps: int = 1,
                      remat: bool = False, seed: int, batch_keys: tuple[str, ...] = ("image",),
                      prepare: PrepareFn | None = None, skip_nonfinite: bool = False,
-                     make_tx: Callable[[Callable], optax.GradientTransformation] | None = None):
+                     make_tx: Callable[[Callable], optax.GradientTransformation] | None = None,
+                     compiler_options: Mapping[str, Any] | None = None):
   """The jitted training step ``(params, opt_state, rest, batch, step) -> (params, opt_state, rest,
   metrics)``.
 
@@ -55,6 +56,8 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
     evaluated on its numbers passed as an argument, so the compiled program holds no lr, warmup or
     run length and is shared (persistent compilation cache) by runs that differ only in those.
     Without it, ``tx`` and ``schedule`` are used as given (their numbers are compiled in).
+  * ``compiler_options``: XLA options for this program alone (``jax.jit``'s), e.g. the CPU matrix
+    product library of :mod:`xla_cpu`.
   Parameters, optimizer state and ``rest`` are donated.
   """
   accum = int(grad_accum_steps)
@@ -130,6 +133,6 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
                                  shardings.replicated, shardings.replicated),
                    out_shardings=(shardings.params, shardings.opt_state, shardings.rest,
                                   shardings.replicated),
-                   donate_argnums=(0, 1, 2))
+                   donate_argnums=(0, 1, 2), compiler_options=compiler_options or None)
   hparams = schedule.hparams() if make_tx is not None else {}
   return lambda p, opt, r, batch, step: jitted(p, opt, r, batch, step, hparams)

@@ -14,6 +14,7 @@ import jax
 from convmae_jax import models
 from convmae_jax.train.errors import ConfigError
 from convmae_jax.train import sharding as sharding_lib
+from convmae_jax.train import xla_cpu
 
 # The datasets this project documents; any other registered TFDS image dataset is accepted too.
 KNOWN_DATASETS = ("imagenet2012", "convmae_demo_photos", "convmae_demo_digits")
@@ -141,6 +142,10 @@ def _check_mesh_batch_steps(config, num_devices: int, process_count: int) -> tup
     raise ConfigError(f"config.max_bad_fraction={fraction!r} is not accepted: expected a fraction "
                       "in [0, 1] of the examples read that may be undecodable (e.g. 0.001; 1 = never "
                       "stop).")
+  try:
+    xla_cpu.check(config.get("cpu_matmuls", "auto"))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   timeout = config.get("peer_timeout_s", 120.0)
   if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
       or not math.isfinite(float(timeout)) or float(timeout) < 1.0):

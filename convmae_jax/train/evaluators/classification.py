@@ -52,14 +52,14 @@ class TopKEvaluator(BestModelEvaluator):
   meta_key = "best_top1"
 
   def __init__(self, *, eval_data, split: str, every_steps: int, graphdef_eval, shardings, writer,
-               best_dir, best_meta: dict):
+               best_dir, best_meta: dict, compiler_options=None):
     super().__init__(eval_data=eval_data, every_steps=every_steps, graphdef_eval=graphdef_eval,
                      shardings=shardings, writer=writer, best_dir=best_dir, best_meta=best_meta)
     self.description = f"evaluating on {eval_data.num_examples} examples of {split!r} {self.period()}"
     self.eval_step = jax.jit(
         eval_metrics_fn(graphdef_eval),
         in_shardings=(shardings.params, shardings.rest, {k: shardings.batch for k in EVAL_KEYS}),
-        out_shardings=shardings.replicated)
+        out_shardings=shardings.replicated, compiler_options=compiler_options)
 
   def __call__(self, step: int, params, rest) -> dict[str, float]:
     evaluated = evaluate_model(self.eval_step, params, rest, self.eval_data, self.batch_sharding)

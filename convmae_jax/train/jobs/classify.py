@@ -22,7 +22,7 @@ from flax import nnx
 
 from convmae_jax import checkpoints, data, models, weights
 from convmae_jax.data import classification as cls_data
-from convmae_jax.train import losses, mixup, optim, validation
+from convmae_jax.train import losses, mixup, optim, validation, xla_cpu
 from convmae_jax.train.errors import ConfigError
 from convmae_jax.train.evaluators.classification import TopKEvaluator
 from convmae_jax.train.loop import Job, Setup, TrainResult
@@ -102,6 +102,7 @@ class Classify(Job):
                         "accepted: 'finetune', 'linprobe'.")
     super().__init__(config, plan)
     self.trainable = trainable_filter(config.job)
+    self.forward_only_step = config.job == "linprobe"    # the frozen encoder is not differentiated
     self.init_from = ""
     self.init_sd = None
     self.top1 = None
@@ -125,12 +126,16 @@ class Classify(Job):
 
   def evaluators(self, setup: Setup):
     config = self.config
+    options, line = xla_cpu.choose(config, self.plan.model_config, self.plan.mesh_shape,
+                                   forward_only=True, batch_size=config.eval_batch_size)
+    logging.info("Evaluation: %s.", line)
     self.top1 = TopKEvaluator(
         eval_data=open_eval_data(config), split=config.eval_split,
         every_steps=config.eval_every_steps, graphdef_eval=setup.graphdef_eval,
         shardings=setup.shardings, writer=setup.writer, best_dir=setup.workdir / BEST_SUBDIR,
         best_meta={"model_name": config.model, "model_kwargs": self.plan.model_config.to_dict(),
-                   "eval_split": config.eval_split, "dataset": config.dataset, "job": config.job})
+                   "eval_split": config.eval_split, "dataset": config.dataset, "job": config.job},
+        compiler_options=options)
     return [self.top1]
 
   def initialise(self, model) -> None:

@@ -12,7 +12,7 @@ from etils import epath
 from flax import nnx
 
 from convmae_jax import models, weights
-from convmae_jax.train import logs, validation
+from convmae_jax.train import logs, validation, xla_cpu
 from convmae_jax.train import sharding as sharding_lib
 from convmae_jax.train import workdir as workdir_lib
 from convmae_jax.train.evaluators.classification import eval_metrics_fn, evaluate_model
@@ -39,7 +39,10 @@ def run(config, workdir: str) -> TrainResult:
   repl = sharding_lib.replicated(mesh)
   params, rest = jax.device_put((params, rest), repl)
   batch_sh = sharding_lib.batch_sharding(mesh)
-  eval_step = jax.jit(eval_metrics_fn(graphdef), out_shardings=repl)
+  options, line = xla_cpu.choose(config, plan.model_config, plan.mesh_shape, forward_only=True,
+                                 batch_size=config.eval_batch_size)
+  logging.info("Evaluation: %s.", line)
+  eval_step = jax.jit(eval_metrics_fn(graphdef), out_shardings=repl, compiler_options=options)
   metrics = evaluate_model(eval_step, params, rest, eval_data, batch_sh)
   out = {**metrics, "dataset": config.dataset, "split": config.eval_split,
          "checkpoint": init_from, "model_name": config.model,
