@@ -13,7 +13,7 @@ and pretraining steps lose with Eigen (0.92x, 0.89x).
 ``jax.jit(..., compiler_options=...)`` sets the option for one program, leaving every other
 program of the process as XLA_FLAGS (or XLA's defaults) say. ``config.cpu_matmuls``:
   "auto"    (default) Eigen for a program that runs no backward pass through the encoder (the
-            linear probe's step, evaluation) when the stage-1 MLP product per device has at least
+            linear probe's step, the top-1 evaluation, the k-NN monitor's embedding) when the stage-1 MLP product per device has at least
             EIGEN_MIN_PRODUCT multiply-adds (ConvViT-B at 224 px: batch 3 and up), else YNNPACK;
   "ynnpack" XLA's default for every program;
   "eigen"   Eigen for every program.

@@ -119,7 +119,7 @@ class KnnMonitor:
   def __init__(self, *, reference: cls_data.ClassBalancedSubset,
                query: cls_data.ClassBalancedSubset, dataset: str, reference_split: str,
                query_split: str, every_steps: int, k: int, temperature: float, graphdef_eval,
-               shardings, writer):
+               shardings, writer, compiler_options=None):
     self.reference = reference
     self.query = query
     self.every_steps = every_steps
@@ -132,7 +132,7 @@ class KnnMonitor:
         f"{every_steps} steps and at the end")
     self.embed = jax.jit(embed_fn(graphdef_eval),
                          in_shardings=(shardings.params, shardings.rest, shardings.batch),
-                         out_shardings=shardings.batch)
+                         out_shardings=shardings.batch, compiler_options=compiler_options)
     self.counts = jax.jit(knn_counts_fn(k=k, num_classes=reference.num_classes),
                           out_shardings=shardings.replicated)
 

@@ -14,7 +14,7 @@ from absl import logging
 
 from convmae_jax import checkpoints, data
 from convmae_jax.data import classification as cls_data
-from convmae_jax.train import optim, validation
+from convmae_jax.train import optim, validation, xla_cpu
 from convmae_jax.train.errors import ConfigError
 from convmae_jax.train.evaluators.knn import KnnMonitor
 from convmae_jax.train.evaluators.reconstruction import ReconstructionFigure
@@ -103,13 +103,16 @@ class Pretrain(Job):
           is_chief=setup.is_chief))
     if self.knn_every > 0:
       # Both subsets are read now: a bad split stops the run before any compute.
+      options, line = xla_cpu.choose(config, self.plan.model_config, self.plan.mesh_shape,
+                                     forward_only=True, batch_size=config.knn_batch_size)
+      logging.info("k-NN monitor: %s.", line)
       evaluators.append(KnnMonitor(
           reference=self._knn_split("knn_reference_split", "knn_reference_per_class"),
           query=self._knn_split("knn_query_split", "knn_query_per_class"),
           dataset=self.knn_dataset, reference_split=config.knn_reference_split,
           query_split=config.knn_query_split, every_steps=self.knn_every, k=config.knn_k,
           temperature=config.knn_temperature, graphdef_eval=setup.graphdef_eval,
-          shardings=setup.shardings, writer=setup.writer))
+          shardings=setup.shardings, writer=setup.writer, compiler_options=options))
     return evaluators
 
   def initialise(self, model) -> None:
