@@ -219,7 +219,7 @@ def main():
   if args.attention_impl == "cudnn":
     cfg = models.config_for(f"convvit_det_{args.size}", dtype=args.dtype)
     try:  # the device and dtype, before anything is built (shapes are checked when traced)
-      models.layers.resolve_attention_impl("cudnn", dtype=cfg.jnp_dtype, length=2, has_bias=True,
+      models.transformer.resolve_attention_impl("cudnn", dtype=cfg.jnp_dtype, length=2, has_bias=True,
                                            head_dim=cfg.embed_dims[2] // cfg.num_heads)
     except ValueError as e:
       ap.error(str(e))

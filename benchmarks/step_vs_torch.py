@@ -162,7 +162,7 @@ def encoder_attention_impl(args, attention_impl: str) -> str:
   """What `attention_impl` resolves to for the encoder's attention of this model, size and dtype
   (the visible tokens, no bias) on the default backend; ValueError where it cannot run."""
   cfg = models.config_for(args.model, img_size=args.img_size)
-  return models.layers.resolve_attention_impl(
+  return models.transformer.resolve_attention_impl(
       attention_impl, dtype=jnp.dtype(args.dtype), head_dim=cfg.embed_dims[2] // cfg.num_heads,
       length=models.num_visible(cfg.num_patches, cfg.mask_ratio), has_bias=False)
 
@@ -306,7 +306,7 @@ def parse_args(argv=None):
     args.inner = 1 if jax.default_backend() == "cpu" else 5
   lists = {}
   for name, accepted in (("conv_impl", ("visible", "dense")), ("dwconv_impl", ("auto", "lax", "shift")),
-                         ("attention_impl", models.layers.ATTENTION_IMPLS),
+                         ("attention_impl", models.transformer.ATTENTION_IMPLS),
                          ("remat", ("off", "on")), ("complementary", ("off", "on"))):
     values = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
     bad = [v for v in values if v not in accepted]

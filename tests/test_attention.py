@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from convmae_jax import models
-from convmae_jax.models import layers
+from convmae_jax.models import layers, transformer
 
 DIM, HEADS, GRID, BATCH = 32, 4, (3, 4), 2
 LENGTH = GRID[0] * GRID[1]
@@ -22,7 +22,7 @@ def _max_abs(a, b) -> float:
 
 
 def _attention(rel_pos):
-  attn = layers.Attention(DIM, HEADS, kernel_init=layers.xavier_uniform, rel_pos=rel_pos,
+  attn = transformer.Attention(DIM, HEADS, kernel_init=layers.xavier_uniform, rel_pos=rel_pos,
                           rel_pos_grid=GRID if rel_pos != "none" else None,
                           attention_impl="explicit", rngs=nnx.Rngs(0))
   # Relative-position tables start at zero; random values make their terms count.
@@ -91,7 +91,7 @@ def test_every_attention_layer_gets_the_choice():
                    ("convvit_vitdet_tiny", dict(img_size=64, window_size=2))):
     model = nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0), attention_impl="xla",
                                                  **kw))
-    impls = [m.attention_impl for _, m in nnx.iter_graph(model) if isinstance(m, layers.Attention)]
+    impls = [m.attention_impl for _, m in nnx.iter_graph(model) if isinstance(m, transformer.Attention)]
     expected = 3 if name == "convmae_tiny" else 2          # tiny: 2 encoder (+ 1 decoder) blocks
     assert impls == ["xla"] * expected, (name, impls)
 
@@ -111,7 +111,7 @@ def test_bad_value_names_it_and_the_accepted_ones(name):
                                        r"'explicit', 'xla', 'cudnn'\)"):
     models.config_for(name, attention_impl="flash")
   with pytest.raises(ValueError, match="'flash'"):
-    layers.Attention(8, 2, kernel_init=layers.xavier_uniform, attention_impl="flash",
+    transformer.Attention(8, 2, kernel_init=layers.xavier_uniform, attention_impl="flash",
                      rngs=nnx.Rngs(0))
 
 
@@ -128,15 +128,15 @@ def test_cudnn_off_a_gpu_fails_before_compute():
 
 def test_auto_resolution(monkeypatch):
   bf16, f32 = jnp.bfloat16, jnp.float32
-  resolve = layers.resolve_attention_impl
+  resolve = transformer.resolve_attention_impl
   for impl in ("explicit", "xla"):
     assert resolve(impl, dtype=bf16, head_dim=64, length=196, has_bias=True) == impl
   if jax.default_backend() == "cpu":
     for dt in (bf16, f32):
       assert resolve("auto", dtype=dt, head_dim=64, length=196, has_bias=False) == "explicit"
   # The rules on a (pretend) CUDA GPU of compute capability >= 8.0 with the 128 head_dim limit.
-  monkeypatch.setattr(layers, "_cudnn_device_problem", lambda: None)
-  monkeypatch.setattr(layers, "_cudnn_max_head_dim", lambda: 128)
+  monkeypatch.setattr(transformer, "_cudnn_device_problem", lambda: None)
+  monkeypatch.setattr(transformer, "_cudnn_max_head_dim", lambda: 128)
   assert resolve("auto", dtype=bf16, head_dim=64, length=49, has_bias=False) == "cudnn"
   assert resolve("auto", dtype=bf16, head_dim=64, length=256, has_bias=True) == "cudnn"
   assert resolve("auto", dtype=f32, head_dim=64, length=196, has_bias=False) == "explicit"

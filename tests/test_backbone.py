@@ -21,7 +21,7 @@ from flax import nnx  # noqa: E402
 from convmae_jax import models, weights  # noqa: E402
 from convmae_jax.interop import backbone as ib  # noqa: E402
 from convmae_jax.interop import torch_backbone as tb  # noqa: E402
-from convmae_jax.models import layers  # noqa: E402
+from convmae_jax.models import layers, transformer  # noqa: E402
 from convmae_jax.models.pos_embed import resize_pos_embed  # noqa: E402
 
 # State-dict keys, shapes, buffers, parameter counts and output shapes of the official detection
@@ -147,7 +147,7 @@ def test_relative_position_index_closed_form(grid):
   # the JAX bias (two 1-D gathers) is the table gathered at that index, as PyTorch does it
   table = np.random.default_rng(0).standard_normal(((2 * gh - 1) * (2 * gw - 1), 3)).astype(np.float32)
   want = table[idx.reshape(-1)].reshape(gh * gw, gh * gw, 3).transpose(2, 0, 1)
-  np.testing.assert_array_equal(np.asarray(layers.table_bias(jnp.asarray(table), grid)), want)
+  np.testing.assert_array_equal(np.asarray(transformer.table_bias(jnp.asarray(table), grid)), want)
   # and equals the twin's buffer
   np.testing.assert_array_equal(tb._beit_index(grid).numpy(), ref)
 
@@ -158,7 +158,7 @@ def test_one_window_covering_grid_equals_global(rel_pos):
   rp_grid = (g, g) if rel_pos != "none" else None
 
   def block(window):
-    return layers.Block(d, 4, 4.0, kernel_init=lambda i, o: layers.normal(0.02), window_size=window,
+    return transformer.Block(d, 4, 4.0, kernel_init=lambda i, o: layers.normal(0.02), window_size=window,
                         rel_pos=rel_pos, rel_pos_grid=rp_grid, rngs=nnx.Rngs(0))
 
   win, glob = block(g), block(0)
@@ -259,9 +259,9 @@ def test_lean_softmax_same_values_and_gradients():
   jax.nn.softmax, gradients equal to float32 rounding."""
   x = jnp.asarray(4 * np.random.default_rng(0).standard_normal((2, 3, 50, 50)).astype(np.float32))
   g = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 50, 50)).astype(np.float32))
-  np.testing.assert_array_equal(np.asarray(layers.softmax_keep_output(x)),
+  np.testing.assert_array_equal(np.asarray(transformer.softmax_keep_output(x)),
                                 np.asarray(jax.nn.softmax(x, axis=-1)))
-  lean = jax.grad(lambda x: jnp.sum(layers.softmax_keep_output(x) * g))(x)
+  lean = jax.grad(lambda x: jnp.sum(transformer.softmax_keep_output(x) * g))(x)
   ref = jax.grad(lambda x: jnp.sum(jax.nn.softmax(x, axis=-1) * g))(x)
   assert float(jnp.max(jnp.abs(lean - ref))) <= 1e-6
 

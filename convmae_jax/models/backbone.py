@@ -6,7 +6,7 @@ local window attention in stage 3, relative position terms, and a feature pyrami
     net = models.create("convvit_det_base", rngs=nnx.Rngs(0))          # detectron2 layout, 1024 px
     maps = net.features(images)  # {"stride4": (N,256,256,256), ..., "stride32": (N,32,32,768)}
 
-The layers are the encoder's (`layers.CBlock`, `layers.PatchEmbed`, `layers.Block` with its
+The layers are the encoder's (`layers.CBlock`, `layers.PatchEmbed`, `transformer.Block` with its
 window / relative-position / layer-scale options); attribute names mirror the official backbones'
 state-dict keys, so `interop.backbone` is a renaming.
 """
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convmae_jax.models import layers
+from convmae_jax.models import layers, transformer
 from convmae_jax.models.config import BackboneConfig
 from convmae_jax.models.convvit import _normal_002, conv_stages, drop_path_rates
 from convmae_jax.models.pos_embed import bicubic_resize_matrix, sincos_2d
@@ -45,7 +45,7 @@ class RelPosBias(nnx.Module):
         jnp.zeros(((2 * gh - 1) * (2 * gw - 1), num_heads), jnp.float32))
 
   def __call__(self) -> jax.Array:
-    return layers.table_bias(self.relative_position_bias_table[...], self.grid)
+    return transformer.table_bias(self.relative_position_bias_table[...], self.grid)
 
 
 class Conv3x3Stride2(nnx.Module):
@@ -140,7 +140,7 @@ class ConvViTBackbone(nnx.Module):
     for i in range(n3):
       is_global = config.is_global(i)
       attn_grid = (grid, grid) if is_global else (ws, ws)
-      blocks.append(layers.Block(
+      blocks.append(transformer.Block(
           d, heads, r3, kernel_init=_normal_002, drop_path=dpr[n1 + n2 + i],
           window_size=0 if is_global else ws, layer_scale=config.layer_scale, rel_pos=per_block,
           rel_pos_grid=attn_grid if per_block != "none" else None, lean_softmax=True,

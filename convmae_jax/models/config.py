@@ -31,7 +31,7 @@ class EncoderConfig:
     function up to rounding: "explicit" (matmuls written out, softmax in float32), "xla" or "cudnn"
     (`jax.nn.dot_product_attention` with that implementation; "cudnn" is cuDNN flash attention,
     CUDA GPUs and bfloat16 only) or "auto": "cudnn" on a CUDA GPU in bfloat16 where cuDNN takes the
-    shapes, else "explicit" (`layers.resolve_attention_impl`).
+    shapes, else "explicit" (`transformer.resolve_attention_impl`).
   """
   img_size: int = 224
   in_chans: int = 3

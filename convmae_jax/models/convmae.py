@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from convmae_jax.models import layers
+from convmae_jax.models import layers, transformer
 from convmae_jax.models import masking
 from convmae_jax.models import visible
 from convmae_jax.models.config import ConvMAEConfig
@@ -100,7 +100,7 @@ class ConvMAE(nnx.Module):
         bias_init=layers.torch_default(c2 * s2 * s2), dtype=dt, rngs=rngs)
     self.pos_embed = layers.FrozenPosEmbed(jnp.asarray(sincos_2d(d, g3)))
     attn = config.attention_impl
-    self.blocks3 = nnx.List([layers.Block(d, config.num_heads, r3, kernel_init=_xavier,
+    self.blocks3 = nnx.List([transformer.Block(d, config.num_heads, r3, kernel_init=_xavier,
                                           attention_impl=attn, dtype=dt, rngs=rngs)
                              for _ in range(config.depths[2])])
     self.norm = layers.LayerNorm(d, 1e-6, dtype=dt)
@@ -110,7 +110,7 @@ class ConvMAE(nnx.Module):
     self.mask_token = nnx.Param(layers.normal(0.02)(rngs.params(), (1, 1, dd)))
     self.decoder_pos_embed = layers.FrozenPosEmbed(jnp.asarray(sincos_2d(dd, g3)))
     self.decoder_blocks = nnx.List([
-        layers.Block(dd, config.decoder_num_heads, dec_ratio, kernel_init=_xavier,
+        transformer.Block(dd, config.decoder_num_heads, dec_ratio, kernel_init=_xavier,
                      attention_impl=attn, dtype=dt, rngs=rngs)
         for _ in range(config.decoder_depth)])
     self.decoder_norm = layers.LayerNorm(dd, 1e-6, dtype=dt)

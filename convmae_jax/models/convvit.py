@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convmae_jax.models import layers
+from convmae_jax.models import layers, transformer
 from convmae_jax.models.config import ConvViTConfig
 
 
@@ -97,7 +97,7 @@ class ConvViT(nnx.Module):
     self.patch_embed4 = layers.Linear(d, d, kernel_init=layers.normal(0.02), dtype=dt, rngs=rngs)
     self.pos_embed = nnx.Param(layers.normal(0.02)(rngs.params(), (1, config.num_patches, d)))
     self.blocks3 = nnx.List([
-        layers.Block(d, config.num_heads, r3, kernel_init=_normal_002, drop_path=dpr[n1 + n2 + i],
+        transformer.Block(d, config.num_heads, r3, kernel_init=_normal_002, drop_path=dpr[n1 + n2 + i],
                      attention_impl=config.attention_impl, dtype=dt, rngs=rngs)
         for i in range(config.depths[2])])
     if config.global_pool:
