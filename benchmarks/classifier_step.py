@@ -227,7 +227,7 @@ def main():
           "grad_barrier": args.grad_barrier, "backend": jax.default_backend(),
           "device": str(jax.devices()[0].device_kind), "cpu": hostinfo.cpu_name(),
           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-          "jax_step_s": round(j_med, 4), "torch_step_s": round(t_med, 4),
+          "jax_step_s": round(j_med, 6), "torch_step_s": round(t_med, 6),
           "jax_images_per_s": round(args.batch / j_med, 2),
           "torch_images_per_s": round(args.batch / t_med, 2),
           "jax_vs_torch_speed": round(t_med / j_med, 2), "jax_compile_s": round(compile_s[v], 1)}),
