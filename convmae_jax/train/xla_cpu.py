@@ -3,18 +3,19 @@
 XLA:CPU hands dots (and the reductions and elementwise ops around them) to YNNPACK by default
 ("YNN fusions"); with ``xla_cpu_experimental_ynn_fusion_type`` set to "" it runs them itself
 (Eigen's matrix products, XLA's own loop fusions). Neither wins everywhere (2-core AMD EPYC,
-BENCHMARKS.md): Eigen runs the large products of the conv stages (25,088 x 256 x 1,024 at batch 8,
-224 px) in about 0.7x YNNPACK's time, so ConvViT-B's forward-only programs are faster with it (the
-linear probe's step 1.07-1.17x, the evaluation forward 1.07x at batch 4 and 1.11x at batch 8, a
-tie at batch 2); YNNPACK runs small products (ConvViT-Tiny at 64 px: 1.4x Eigen's speed), the
-stage-3 products and the bias-gradient reductions of a backward pass faster, so the fine-tuning
-and pretraining steps lose with Eigen (0.92x, 0.89x).
+BENCHMARKS.md): Eigen runs the forward and input-gradient products of the conv stages (25,088 x
+256 x 1,024 at batch 8, 224 px, and the like) in 0.71-0.96x YNNPACK's time, so ConvViT-B's
+forward-only programs are faster with it (the linear probe's step 1.07-1.17x, the evaluation
+forward 1.07x at batch 4 and 1.10x at batch 8, a tie at batch 2); YNNPACK runs small products
+(ConvViT-Tiny at 64 px: 1.4x Eigen's speed), the stage-3 products and the bias-gradient reductions
+of a backward pass faster, so the fine-tuning and pretraining steps lose with Eigen (0.92x, 0.89x).
 
 ``jax.jit(..., compiler_options=...)`` sets the option for one program, leaving every other
 program of the process as XLA_FLAGS (or XLA's defaults) say. ``config.cpu_matmuls``:
   "auto"    (default) Eigen for a program that runs no backward pass through the encoder (the
-            linear probe's step, the top-1 evaluation, the k-NN monitor's embedding) when the stage-1 MLP product per device has at least
-            EIGEN_MIN_PRODUCT multiply-adds (ConvViT-B at 224 px: batch 3 and up), else YNNPACK;
+            linear probe's step, the top-1 evaluation, the k-NN monitor's embedding) when its
+            stage-1 MLP product per device has at least EIGEN_MIN_PRODUCT multiply-adds
+            (ConvViT-B at 224 px: batch 3 and up), else YNNPACK;
   "ynnpack" XLA's default for every program;
   "eigen"   Eigen for every program.
 On other backends, and when XLA_FLAGS already sets the option (the user's flags win), nothing is
