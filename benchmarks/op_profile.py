@@ -8,7 +8,11 @@ dot, a convolution, a copy ...) is looked up in the optimized HLO, which XLA dum
 folder, and put in a category by what it computes (a fusion by the ops inside it). PyTorch: the same
 step under ``torch.profiler``; each ATen operator's self time is put in the same categories. Threads
 run operations side by side, so the times are thread time per step (their sum may exceed the wall
-time); shares are of that sum.
+time); shares are of that sum. The JAX step is compiled as the trainer compiles it (its
+``config.cpu_matmuls`` choice included). Blind spot: the trace does not give matrix products
+that XLA:CPU runs itself (Eigen's, when YNN fusions are off) their time (the fine-tuning step's
+matmul category fell from 7.1 s to 0.6 s per step with ``--xla_cpu_experimental_ynn_fusion_type=``
+while the step got slower), so compare such runs by step time, not by the matmul category.
 
 Prints JSON lines: one per (side, category) with ``ms_per_step`` and ``share``, then the ``--top``
 operations of each side (``op``, ``category``, ``ms_per_step``, ``count_per_step``; for JAX the

@@ -8,7 +8,8 @@ any XLA_FLAGS already set) runs in a fresh child process (the same script with `
 does the reference, XLA's defaults, which runs first. They take turns for ``--rounds`` rounds, so a
 slow phase of a shared machine hits them alike. ``--step`` picks the program: ``pretrain`` (the
 ConvMAE step of ``step_vs_torch.py``, visible-only stages), ``finetune`` / ``linprobe`` (the
-trainer's classifier steps of ``classifier_step.py``). Prints one JSON line per candidate: the
+trainer's classifier steps of ``classifier_step.py``, compiled without the trainer's per-program
+``config.cpu_matmuls`` choice, so the flags alone decide). Prints one JSON line per candidate: the
 median step time over all rounds, the speed relative to XLA's defaults, the compile time and the
 final loss (which must agree with the defaults' up to float reordering for a flag to be usable). A
 flag that XLA rejects shows as an error line, not a failure of the whole run.
@@ -47,7 +48,9 @@ def child(args) -> None:
   else:
     ns = argparse.Namespace(model=args.model, img_size=args.img_size, dtype=args.dtype,
                             batch=args.batch)
-    step, params, opt, rest = classifier_step.jax_step(args.step, ns)
+    # "ynnpack": no per-program option, so XLA_FLAGS alone decide (the trainer's "auto" would
+    # compile a large linear probe with Eigen's products whatever the candidate says).
+    step, params, opt, rest = classifier_step.jax_step(args.step, ns, "ynnpack")
     target = jnp.asarray(rng.dirichlet(np.ones(1000), size=args.batch), jnp.float32)
     batch = {"image": images, "target": target}
     state = [params, opt, rest]
