@@ -180,6 +180,27 @@ def first_per_class_ids(split):
   return ids
 
 
+def separate_knn_top1(model, subsets) -> float:
+  """k-NN top-1 of ``model``'s pooled, L2-normalised tokens (pooled and normalised here in numpy)
+  of the "test" subset against the "train" one."""
+  encode = nnx.jit(lambda m, x: m.encode_unmasked(x))
+
+  def embed(subset):
+    images, labels = [], []
+    for batch in subset:
+      keep = batch["valid"] > 0
+      images.append(batch["image"][keep])
+      labels.append(batch["label"][keep])
+    tokens = np.asarray(encode(model, jnp.asarray(np.concatenate(images))))
+    pooled = tokens.astype(np.float64).mean(axis=1)
+    return (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)).astype(np.float32), \
+        np.concatenate(labels)
+
+  ref, ref_labels = embed(subsets["train"])
+  query, query_labels = embed(subsets["test"])
+  return knn.knn_top1(query, query_labels, ref, ref_labels, k=5, temperature=0.07, num_classes=10)
+
+
 def test_monitor_values_equal_a_separate_computation(uninterrupted):
   result, logged = uninterrupted
   assert logged == [1, 2, 3, 4]
@@ -196,24 +217,9 @@ def test_monitor_values_equal_a_separate_computation(uninterrupted):
     assert subsets[split].ids == first_per_class_ids(split)
     assert subsets[split].num_examples == 10 * PER_CLASS
 
-  # Embeddings of the final weights, pooled and normalised here in numpy.
-  encode = nnx.jit(lambda m, x: m.encode_unmasked(x))
-
-  def embed(subset):
-    images, labels = [], []
-    for batch in subset:
-      keep = batch["valid"] > 0
-      images.append(batch["image"][keep])
-      labels.append(batch["label"][keep])
-    tokens = np.asarray(encode(result.model, jnp.asarray(np.concatenate(images))))
-    pooled = tokens.astype(np.float64).mean(axis=1)
-    return (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)).astype(np.float32), \
-        np.concatenate(labels)
-
-  ref, ref_labels = embed(subsets["train"])
-  query, query_labels = embed(subsets["test"])
-  want = knn.knn_top1(query, query_labels, ref, ref_labels, k=5, temperature=0.07, num_classes=10)
+  want = separate_knn_top1(result.model, subsets)
   assert abs(result.metrics[4]["knn_top1"] - want) <= 1e-6, (result.metrics[4], want)
+  encode = nnx.jit(lambda m, x: m.encode_unmasked(x))
 
   # The embedded tokens are those of the ConvViT encoder fine-tuning starts from these weights.
   images = jnp.asarray(next(iter(subsets["test"]))["image"])
@@ -222,6 +228,24 @@ def test_monitor_values_equal_a_separate_computation(uninterrupted):
   features = nnx.jit(lambda m, x: m.features(x)["stride16"])(classifier_from(result.model), images)
   np.testing.assert_allclose(tokens, np.asarray(features).reshape(tokens.shape), rtol=1e-6,
                              atol=1e-6)
+
+
+def test_monitor_with_eigen_products(tmp_path, caplog):
+  """config.cpu_matmuls="eigen": every program, the monitor's embedding included, compiled with
+  XLA's own matrix products; the monitor's value is the separate computation's (whose products are
+  YNNPACK's: one query may flip on a near-tie, one query = 100 / (10 * PER_CLASS) points)."""
+  with caplog.at_level("INFO"):
+    result = run(tmp_path, cpu_matmuls="eigen")
+  if jax.default_backend() == "cpu" and "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+    assert "k-NN monitor: matrix products on CPU: Eigen" in caplog.text
+    assert "Training step: matrix products on CPU: Eigen" in caplog.text
+  subsets = {split: cls_data.create_class_balanced_dataset(
+      DIGITS, split=split, per_class=PER_CLASS, global_batch_size=8, image_size=32)
+             for split in ("train", "test")}
+  want = separate_knn_top1(result.model, subsets)
+  assert sorted(s for s, m in result.metrics.items() if "knn_top1" in m) == [3, 4]
+  assert abs(result.metrics[4]["knn_top1"] - want) <= 100.0 / (10 * PER_CLASS) + 1e-6, \
+      (result.metrics[4], want)
 
 
 def test_resume_repeats_the_monitor_values(tmp_path, uninterrupted):
