@@ -158,3 +158,15 @@ def test_classifier_step_lines(tmp_path):
     assert r["jax_step_s"] > 0 and r["torch_step_s"] > 0
     # the ratio is printed to 2 decimals, the times to 6
     assert r["jax_vs_torch_speed"] == pytest.approx(r["torch_step_s"] / r["jax_step_s"], rel=0.001, abs=0.0051)
+
+
+def test_cpu_matmuls_forward_line(tmp_path):
+  rows = run_json_lines(["benchmarks/cpu_matmuls.py", "--forward", "convvit_seg_tiny", "--img_size",
+                         "64", "--batch", "1", "--repeats", "1"], tmp_path)
+  assert len(rows) == 1
+  (r,) = rows
+  c = r["stage1_product"]
+  assert c > 0 and r["auto_picks"] == ("eigen" if c >= 2 ** 31 else "ynnpack") == "ynnpack"
+  assert r["ynnpack_s"] > 0 and r["eigen_s"] > 0
+  assert r["eigen_speed"] == pytest.approx(r["ynnpack_s"] / r["eigen_s"], rel=0.01)
+  assert r["max_rel_diff"] < 1e-5

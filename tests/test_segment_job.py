@@ -9,6 +9,7 @@ CPU, a tiny UperNet (16/8 head channels) on 64-px crops, batch 4, 3 steps.
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -226,6 +227,22 @@ def test_train_reports_miou_and_resume_equals_uninterrupted(tmp_path, full_run):
   b = [as_data(x) for x in jax.tree.leaves(nnx.state(second.model))]
   assert len(a) == len(b) > 0
   assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+def test_eigen_products_follow_the_default_run(tmp_path, full_run, caplog):
+  # config.cpu_matmuls="eigen": the step and the sliding-window evaluation compiled with XLA's own
+  # matrix products instead of YNNPACK's (what "auto" picks for a Base evaluation): the same
+  # function, sums reordered.
+  _, full = full_run
+  with caplog.at_level("INFO"):
+    run = trainer.train_and_evaluate(_tiny(cpu_matmuls="eigen"), str(tmp_path / "eigen"))
+  if jax.default_backend() == "cpu" and "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+    assert "Training step: matrix products on CPU: Eigen" in caplog.text
+    assert "Evaluation: matrix products on CPU: Eigen" in caplog.text
+  assert run.step == 3
+  for s in (1, 2, 3):
+    assert run.losses[s] == pytest.approx(full.losses[s], rel=1e-4)
+  assert run.metrics[3]["eval_mIoU"] == pytest.approx(full.metrics[3]["eval_mIoU"], abs=1.0)
 
 
 def test_bfloat16_with_remat_follows_the_float32_run(tmp_path, full_run):

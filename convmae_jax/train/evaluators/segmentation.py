@@ -161,7 +161,8 @@ class SegmentationEvaluator(BestModelEvaluator):
 
   def __init__(self, *, eval_data, split: str, every_steps: int, graphdef_eval, shardings, writer,
                best_dir, best_meta: dict, json_dir, num_classes: int, class_names=None,
-               mode: str = "slide", crop=(512, 512), stride=(341, 341), is_chief: bool = True):
+               mode: str = "slide", crop=(512, 512), stride=(341, 341), is_chief: bool = True,
+               compiler_options=None):
     super().__init__(eval_data=eval_data, every_steps=every_steps, graphdef_eval=graphdef_eval,
                      shardings=shardings, writer=writer, best_dir=best_dir, best_meta=best_meta)
     self.json_dir = json_dir
@@ -173,7 +174,7 @@ class SegmentationEvaluator(BestModelEvaluator):
         predict_fn(graphdef_eval, mode=mode, crop=tuple(crop), stride=tuple(stride),
                    num_classes=num_classes),
         in_shardings=(shardings.params, shardings.rest, {k: shardings.batch for k in EVAL_KEYS}),
-        out_shardings=shardings.replicated)
+        out_shardings=shardings.replicated, compiler_options=compiler_options)
 
   def evaluate(self, params, rest) -> dict:
     total = None

@@ -27,7 +27,7 @@ from flax import nnx
 from convmae_jax import checkpoints, data, models, weights
 from convmae_jax.data import segmentation as seg_data
 from convmae_jax.models import upernet
-from convmae_jax.train import optim, validation
+from convmae_jax.train import optim, validation, xla_cpu
 from convmae_jax.train.errors import ConfigError
 from convmae_jax.train.evaluators.segmentation import SegmentationEvaluator
 from convmae_jax.train.loop import Job, Setup, TrainResult
@@ -232,6 +232,10 @@ class Segment(Job):
         scale=tuple(int(v) for v in config.test_scale), canvas=tuple(config.eval_canvas),
         reduce_zero=bool(config.reduce_zero_label), split=config.eval_split)
     crop = int(config.crop_size)
+    # Every sliding window is a backbone-sized image: the product counts one per image at least.
+    options, line = xla_cpu.choose(config, self.plan.model_config, self.plan.mesh_shape,
+                                   forward_only=True, batch_size=config.eval_batch_size)
+    logging.info("Evaluation: %s.", line)
     self.miou = SegmentationEvaluator(
         eval_data=eval_data, split=config.eval_split,
         every_steps=config.eval_every_steps, graphdef_eval=self._graphdef_eval(setup),
@@ -240,7 +244,7 @@ class Segment(Job):
                    "eval_split": config.eval_split, "dataset": config.dataset, "job": "segment"},
         json_dir=setup.workdir / EVAL_SUBDIR, num_classes=config.num_classes,
         class_names=self.class_names, mode=config.eval_mode, crop=(crop, crop),
-        stride=tuple(config.eval_stride), is_chief=setup.is_chief)
+        stride=tuple(config.eval_stride), is_chief=setup.is_chief, compiler_options=options)
     return [self.miou]
 
   def _graphdef_eval(self, setup: Setup):
