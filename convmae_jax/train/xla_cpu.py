@@ -14,9 +14,8 @@ of a backward pass faster, so the fine-tuning and pretraining steps lose with Ei
 program of the process as XLA_FLAGS (or XLA's defaults) say. ``config.cpu_matmuls``:
   "auto"    (default) Eigen for a program that runs no backward pass through the encoder (the
             linear probe's step, the top-1 and mIoU evaluations, the k-NN monitor's embedding)
-            when its
-            stage-1 MLP product per device has at least EIGEN_MIN_PRODUCT multiply-adds
-            (ConvViT-B at 224 px: batch 3 and up), else YNNPACK;
+            when its stage-1 MLP product per device has at least EIGEN_MIN_PRODUCT multiply-adds
+            (ConvViT-B at 224 px: batch 3 and up; UperNet-B's 512-px windows: one), else YNNPACK;
   "ynnpack" XLA's default for every program;
   "eigen"   Eigen for every program.
 On other backends, and when XLA_FLAGS already sets the option (the user's flags win), nothing is
