@@ -132,8 +132,10 @@ def torch_step(job, args):
 def _variant_step(job, args, dwconv_backward: str, cpu_matmuls: str, batch):
   """jax_step with the depthwise conv's backward pass written out (the model's: "written"), written
   out with the kernel gradient as K² shifted products ("taps", the form before the batched
-  matmuls) or left to autodiff of its K² taps ("autodiff"), traced and compiled by its first step
-  here (for an A/B in one process). Returns (step, state after step 0, compile seconds)."""
+  matmuls) or left to autodiff of its K² taps ("autodiff"), its products in the library
+  ``cpu_matmuls`` names (``eval``: the evaluation forward, :func:`eval_step`), traced and compiled by
+  its first step here (for an A/B in one process). Returns (step, state after step 0, compile
+  seconds)."""
   original = models.dwconv.depthwise_conv_shift
   original_kernel_grad = models.dwconv._kernel_grad
   if dwconv_backward == "autodiff":
