@@ -116,6 +116,13 @@ def check_command_line(argv: list[str]) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Before JAX starts its backend: XLA:CPU's per-step temporaries then come from reused heap memory
+  # instead of fresh mappings (convmae_jax/host_malloc.py).
+  from convmae_jax import host_malloc  # pylint: disable=import-outside-toplevel
+  try:
+    host_malloc.apply(FLAGS.config.get("host_malloc", "auto"))   # the run's log says what it did
+  except (ValueError, OSError) as e:
+    _fail(str(e))
   from convmae_jax.train import logs  # pylint: disable=import-outside-toplevel
   logs.quiet_library_logs()
   import jax  # pylint: disable=import-outside-toplevel

@@ -175,7 +175,9 @@ def main():
                        "library of XLA:CPU's matrix products): more JAX variants, timed in turns")
   ap.add_argument("--grad_barrier", default="on", choices=("on", "off"),
                   help="off: layers.grad_barrier becomes the plain identity (to measure what it saves)")
+  hostinfo.add_host_malloc_flag(ap)
   args = ap.parse_args()
+  host_malloc_reuse = hostinfo.apply_host_malloc(args)     # before JAX starts its backend
   backward_forms = args.dwconv_backward.split(",")
   if not backward_forms or any(v not in ("written", "taps", "autodiff") for v in backward_forms):
     ap.error(f"--dwconv_backward {args.dwconv_backward!r} is not valid: expected a comma list of "
@@ -226,7 +228,8 @@ def main():
           "cpu_matmuls": v[1], "cpu_matmuls_resolved": xla_cpu.resolve(
               v[1], forward_only=job != "finetune", product=xla_cpu.stage1_product(
                   models.config_for(args.model, img_size=args.img_size), args.batch)) if not xla_cpu.user_flag_set() else "XLA_FLAGS",
-          "grad_barrier": args.grad_barrier, "backend": jax.default_backend(),
+          "grad_barrier": args.grad_barrier, "host_malloc_reuse": host_malloc_reuse,
+          "backend": jax.default_backend(),
           "device": str(jax.devices()[0].device_kind), "cpu": hostinfo.cpu_name(),
           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
           "jax_step_s": round(j_med, 6), "torch_step_s": round(t_med, 6),

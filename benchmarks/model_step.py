@@ -40,7 +40,9 @@ def main():
   ap.add_argument("--dwconv_kernel_grad", default="matmul", choices=("matmul", "taps"),
                   help="the shift depthwise conv's kernel gradient: matmul (the model's) or taps "
                        "(K² shifted products, the form before)")
+  hostinfo.add_host_malloc_flag(ap)
   args = ap.parse_args()
+  hostinfo.apply_host_malloc(args)     # before JAX starts its backend
   if args.grad_barrier == "off":
     models.layers.grad_barrier = lambda x: x
   if args.dwconv_kernel_grad == "taps":

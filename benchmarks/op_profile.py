@@ -255,7 +255,9 @@ def main(argv=None):
   ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
   ap.add_argument("--top", type=int, default=20, help="operations listed per side")
   ap.add_argument("--torch", default="on", choices=("on", "off"))
+  hostinfo.add_host_malloc_flag(ap)
   args = ap.parse_args(argv)
+  host_malloc_reuse = hostinfo.apply_host_malloc(args)     # before JAX starts its backend
   for name in ("steps", "warmup", "top", "batch", "img_size"):
     if getattr(args, name) < (0 if name == "warmup" else 1):
       ap.error(f"--{name} {getattr(args, name)} is not valid: expected >= "
@@ -266,7 +268,7 @@ def main(argv=None):
   images = rng.normal(size=(args.batch, args.img_size, args.img_size, 3)).astype(np.float32)
   target = rng.dirichlet(np.ones(1000), size=args.batch).astype(np.float32)
   meta = {"job": args.job, "model": args.model, "img_size": args.img_size, "batch": args.batch,
-          "cpu": hostinfo.cpu_name()}
+          "cpu": hostinfo.cpu_name(), "host_malloc_reuse": host_malloc_reuse}
   summarise("jax", jax_profile(args, images, target, dump_dir), args, meta)
   if args.torch == "on":
     summarise("torch", torch_profile(args, images, target), args, meta)

@@ -299,7 +299,9 @@ def parse_args(argv=None):
   ap.add_argument("--peak_n", type=int, default=None, help="side of the square product that "
                   "measures the matmul peak (default 2048 on CPU, 8192 on accelerators; smaller "
                   "only for smoke runs: a small product understates the peak)")
+  hostinfo.add_host_malloc_flag(ap)
   args = ap.parse_args(argv)
+  args.host_malloc_reuse = hostinfo.apply_host_malloc(args)     # before JAX starts its backend
   if args.dtype is None:
     args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   if args.inner is None:
@@ -370,7 +372,7 @@ def main(argv=None):
     dense_flops = dense_flops_per_step * side.groups
     row = dict(side.meta, model=args.model, img_size=args.img_size, batch=args.batch,
                backend=jax.default_backend(), device=kind,
-               cpu=hostinfo.cpu_name(),
+               cpu=hostinfo.cpu_name(), host_malloc_reuse=args.host_malloc_reuse,
                step_s_median=sig(med, 5), step_s_all=[round(t, 5) for t in times[id(side)]],
                images_per_s=sig(ips), targets_per_s=sig(tps), groups=side.groups,
                steps_per_timing=args.inner,

@@ -12,7 +12,9 @@ trainer's classifier steps of ``classifier_step.py``, compiled without the train
 ``config.cpu_matmuls`` choice, so the flags alone decide). Prints one JSON line per candidate: the
 median step time over all rounds, the speed relative to XLA's defaults, the compile time and the
 final loss (which must agree with the defaults' up to float reordering for a flag to be usable). A
-flag that XLA rejects shows as an error line, not a failure of the whole run.
+flag that XLA rejects shows as an error line, not a failure of the whole run. ``--host_malloc
+system,reuse`` runs every candidate under each host memory mode too (convmae_jax/host_malloc.py:
+glibc's defaults, or freed memory reused; process-wide, so it also needs a process each).
 """
 
 import argparse
@@ -27,6 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def child(args) -> None:
+  from convmae_jax import host_malloc
+  host_malloc.apply(args.host_malloc)     # before JAX starts its backend
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -84,16 +88,25 @@ def main() -> None:
   ap.add_argument("--rounds", type=int, default=2)
   ap.add_argument("--candidate", action="append", default=[],
                   help="XLA_FLAGS to try, as --candidate=--xla_cpu_...; repeat for more")
+  ap.add_argument("--host_malloc", default="system",
+                  help="comma list of system, reuse, auto (convmae_jax/host_malloc.py): each "
+                       "XLA_FLAGS candidate runs under each; the first is the reference's")
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.child:
     child(args)
     return
+  from convmae_jax import host_malloc
+  modes = [m.strip() for m in args.host_malloc.split(",") if m.strip()]
+  if not modes or any(m not in host_malloc.HOST_MALLOC for m in modes):
+    ap.error(f"--host_malloc {args.host_malloc!r} is not valid: expected a comma list of "
+             f"{', '.join(host_malloc.HOST_MALLOC)}")
   if args.step != "pretrain" and args.model.startswith("convmae"):
     ap.error(f"--step {args.step} needs a classifier --model (convvit_*), not {args.model!r}")
 
   base = os.environ.get("XLA_FLAGS", "")
-  args.candidates = [""] + [c for c in args.candidate if c.strip()]
+  args.candidates = [(flags, mode) for flags in [""] + [c for c in args.candidate if c.strip()]
+                     for mode in modes]
   results = {c: {"times": [], "compile_s": [], "loss": None, "error": None} for c in args.candidates}
   child_argv = ["--step", args.step, "--model", args.model, "--img_size", str(args.img_size),
                 "--batch", str(args.batch), "--dtype", args.dtype, "--steps", str(args.steps),
@@ -102,9 +115,9 @@ def main() -> None:
     for cand in args.candidates:
       if results[cand]["error"]:
         continue
-      env = dict(os.environ, XLA_FLAGS=f"{base} {cand}".strip())
-      proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *child_argv],
-                            env=env, capture_output=True, text=True)
+      env = dict(os.environ, XLA_FLAGS=f"{base} {cand[0]}".strip())
+      proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *child_argv,
+                             "--host_malloc", cand[1]], env=env, capture_output=True, text=True)
       lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
       if proc.returncode or not lines:
         results[cand]["error"] = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
@@ -113,7 +126,8 @@ def main() -> None:
       results[cand]["times"] += got["times"]
       results[cand]["compile_s"].append(got["compile_s"])
       results[cand]["loss"] = got["loss"]
-      print(f"round {r + 1}: {cand or '(defaults)'}: {statistics.median(got['times']):.3f} s/step",
+      print(f"round {r + 1}: {cand[0] or '(defaults)'}, host_malloc {cand[1]}: "
+            f"{statistics.median(got['times']):.3f} s/step",
             file=sys.stderr, flush=True)
 
   from benchmarks import hostinfo
@@ -122,7 +136,8 @@ def main() -> None:
   for cand in args.candidates:
     res = results[cand]
     row = {"step": args.step, "model": args.model, "img_size": args.img_size, "batch": args.batch,
-           "dtype": args.dtype, "cpu": hostinfo.cpu_name(), "xla_flags": cand}
+           "dtype": args.dtype, "cpu": hostinfo.cpu_name(), "xla_flags": cand[0],
+           "host_malloc": cand[1]}
     if res["error"]:
       row["error"] = res["error"]
     else:

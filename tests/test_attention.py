@@ -146,3 +146,55 @@ def test_auto_resolution(monkeypatch):
   assert resolve("cudnn", dtype=bf16, head_dim=64, length=196, has_bias=True) == "cudnn"
   with pytest.raises(ValueError, match="float32 .*bfloat16"):
     resolve("cudnn", dtype=f32, head_dim=64, length=196, has_bias=False)
+
+
+def _reference_explicit(attn, x, bias):
+  """The explicit attention as the official code writes it: q, k, v indexed out of a
+  (3, B, heads, L, hd) view of the fused projection, the scale applied to the q·k scores."""
+  b, length, d = x.shape
+  h = attn.num_heads
+  qkv = attn.qkv(x).reshape(b, length, 3, h, d // h).transpose(2, 0, 3, 1, 4)
+  q, k, v = qkv[0], qkv[1], qkv[2]
+  scores = (q @ k.swapaxes(-1, -2)).astype(jnp.float32) * attn.scale
+  if attn.rel_pos == "table":
+    scores = scores + transformer.table_bias(attn.relative_position_bias_table[...], GRID)
+  elif attn.rel_pos == "decomposed":
+    scores = transformer.decomposed_bias(scores, q, attn.rel_pos_h[...], attn.rel_pos_w[...], GRID)
+  if bias is not None:
+    scores = scores + bias
+  probs = jax.nn.softmax(scores, axis=-1)
+  return attn.proj((probs @ v).transpose(0, 2, 1, 3).reshape(b, length, d))
+
+
+@pytest.mark.parametrize("heads,rel_pos", [(2, "none"), (2, "decomposed"), (4, "table"),
+                                           (8, "none")])
+def test_explicit_split_and_scale_match_the_official_formulation(heads, rel_pos):
+  """The explicit path splits the fused projection (one concatenation in the backward pass) and,
+  when the scale is a power of two (head_dim 16: 2^-2; head_dim 4 with 8 heads: 2^-1), scales q
+  instead of the scores; head_dim 8 (4 heads, scale 2^-1.5) keeps the scores' scaling. Forward and
+  gradients equal the official formulation to float32 reordering."""
+  attn = transformer.Attention(DIM, heads, kernel_init=layers.xavier_uniform, rel_pos=rel_pos,
+                               rel_pos_grid=GRID if rel_pos != "none" else None,
+                               attention_impl="explicit", rngs=nnx.Rngs(0))
+  params = nnx.state(attn, nnx.Param)
+  keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
+  nnx.update(attn, jax.tree.map(lambda p: p + 0.2 * jax.random.normal(next(keys), p.shape), params))
+  assert transformer._exact_power_of_two(attn.scale) == (heads != 4)
+  graphdef, params, rest = nnx.split(attn, nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(2), (BATCH, LENGTH, DIM))
+  bias = jax.random.normal(jax.random.key(3), (heads, LENGTH, LENGTH))
+  cotangent = 0.1 * jax.random.normal(jax.random.key(4), (BATCH, LENGTH, DIM))
+
+  def loss(params, x, form):
+    module = nnx.merge(graphdef, params, rest)
+    y = module(x, bias) if form == "model" else _reference_explicit(module, x, bias)
+    return jnp.sum(y * cotangent), y
+
+  run = jax.jit(lambda p, x, form: jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(p, x, form),
+                static_argnums=2)
+  (_, y_model), g_model = run(params, x, "model")
+  (_, y_ref), g_ref = run(params, x, "reference")
+  out_err, grad_err = _max_abs(y_model, y_ref), _max_abs(g_model, g_ref)
+  print(f"\nheads={heads} {rel_pos}: output max abs {out_err:.2e}, gradients {grad_err:.2e}")
+  assert out_err <= 1e-6 and grad_err <= 1e-6
+  assert float(jnp.max(jnp.abs(y_ref))) > 0.1 and float(jnp.max(jnp.abs(g_ref[1]))) > 0.01

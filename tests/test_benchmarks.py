@@ -68,12 +68,19 @@ def test_input_pipeline_rate_lines(tmp_path):
 def test_xla_flags_lines(tmp_path):
   rows = run_json_lines(["benchmarks/xla_flags.py", "--step", "pretrain", "--model", "convmae_tiny",
                          "--img_size", "32", "--batch", "4", "--steps", "1", "--warmup", "0", "--rounds", "1",
-                         "--candidate=--xla_cpu_no_such_flag=true"], tmp_path)
-  assert [r["xla_flags"] for r in rows] == ["", "--xla_cpu_no_such_flag=true"]
-  ref, bad = rows
+                         "--candidate=--xla_cpu_no_such_flag=true", "--host_malloc", "system,reuse"],
+                        tmp_path)
+  assert [(r["xla_flags"], r["host_malloc"]) for r in rows] == [
+      ("", "system"), ("", "reuse"), ("--xla_cpu_no_such_flag=true", "system"),
+      ("--xla_cpu_no_such_flag=true", "reuse")]
+  ref, reuse, bad, bad_reuse = rows
   assert ref["speed_vs_defaults"] == 1.0 and ref["loss_vs_defaults"] == 0.0
   assert ref["step_s_median"] > 0 and ref["cpu"] and "error" not in ref
-  assert "error" in bad and "step_s_median" not in bad
+  # Reusing host memory changes no computed value.
+  assert reuse["loss_vs_defaults"] == 0.0 and reuse["step_s_median"] > 0
+  assert reuse["speed_vs_defaults"] == pytest.approx(ref["step_s_median"] / reuse["step_s_median"],
+                                                     rel=0.01)
+  assert "error" in bad and "step_s_median" not in bad and "error" in bad_reuse
 
 
 def test_op_profile_sorts_compiled_operations_into_categories():

@@ -312,6 +312,9 @@ def test_bad_inputs_are_refused_before_compute(tmp_path, reference):
   # A matrix product library that does not exist.
   with pytest.raises(ConfigError, match="cpu_matmuls='mkl' is not accepted; use 'auto'"):
     run(tmp_path / "f", cpu_matmuls="mkl")
+  # A host memory mode that does not exist.
+  with pytest.raises(ConfigError, match="host_malloc='jemalloc' is not accepted; use 'auto'"):
+    run(tmp_path / "g", host_malloc="jemalloc")
   # Nothing was written by any refused run.
-  for name in "abcdef":
+  for name in "abcdefg":
     assert not (tmp_path / name / "checkpoints").exists()

@@ -31,3 +31,14 @@ def test_missing_dataset_exits_2_with_preparation_steps(tmp_path):
   assert f"TFDS looked in {empty}" in proc.stderr
   assert "python -m convmae_jax.data prepare imagenet2012" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_bad_host_malloc_exits_2_before_jax_starts(tmp_path):
+  workdir = tmp_path / "run"
+  proc = _main("--config=" + os.path.join(ROOT, "configs", "demo.py"), f"--workdir={workdir}",
+               "--config.host_malloc=jemalloc", tmp_path=tmp_path)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert ("error: config.host_malloc='jemalloc' is not accepted; use 'auto' (reuse freed host "
+          "memory on CPU-only installs), 'reuse' or 'system'") in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not workdir.exists()

@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"            # compute dtype ("float32" | "bfloat16"); params stay float32
   c.remat = False                 # recompute activations in the backward pass (less memory)
   c.cpu_matmuls = "auto"          # XLA:CPU matrix products: "auto" | "ynnpack" | "eigen" (train/xla_cpu.py)
+  c.host_malloc = "auto"          # reuse freed host memory on CPU: "auto" | "reuse" | "system" (host_malloc.py)
   c.init_from = ""                # pretraining workdir, model-only checkpoint or .pth/.safetensors
   c.head_init_std = 2e-5          # head re-initialised N(0, std) after loading (official); 0 = keep
 

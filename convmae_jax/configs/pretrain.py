@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"            # compute dtype ("float32" | "bfloat16"); params stay float32
   c.remat = False                 # recompute activations in the backward pass (less memory)
   c.cpu_matmuls = "auto"          # XLA:CPU matrix products: "auto" | "ynnpack" | "eigen" (train/xla_cpu.py)
+  c.host_malloc = "auto"          # reuse freed host memory on CPU: "auto" | "reuse" | "system" (host_malloc.py)
 
   # Data: TFDS name, splits, crop. Images are RandomResizedCrop(image_size, crop_scale, bicubic),
   # random horizontal flip, ImageNet mean/std normalization.

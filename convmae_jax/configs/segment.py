@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"            # compute dtype; params, BN statistics and the loss stay float32
   c.remat = False                 # recompute backbone blocks in the backward pass (less memory)
   c.cpu_matmuls = "auto"          # XLA:CPU matrix products: "auto" | "ynnpack" | "eigen" (train/xla_cpu.py)
+  c.host_malloc = "auto"          # reuse freed host memory on CPU: "auto" | "reuse" | "system" (host_malloc.py)
   c.init_from = ""                # pretraining workdir, model-only checkpoint or .pth; "" = random
 
   # Heads (mmseg UPerHead + FCNHead).

@@ -29,13 +29,13 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from convmae_jax import data, models
+from convmae_jax import data, host_malloc, models
 from convmae_jax.train import input_pipeline, logs, optim, peers, schedule as schedule_lib
 from convmae_jax.train import sharding as sharding_lib
 from convmae_jax.train import state as state_lib
 from convmae_jax.train import workdir as workdir_lib
 from convmae_jax.train import xla_cpu
-from convmae_jax.train.errors import BadRecordsError, RollbackRequest
+from convmae_jax.train.errors import BadRecordsError, ConfigError, RollbackRequest
 from convmae_jax.train.metrics import MetricsWindow, min_examples_for_bad_check
 from convmae_jax.train.profiler import Profiler
 from convmae_jax.train.rollback import Rollback
@@ -170,6 +170,10 @@ def run(job: Job, workdir: str, *, on_log=None) -> TrainResult:
   job.check_inputs(workdir)
   n_examples, total_steps, warmup_steps, steps_per_epoch = schedule_lib.resolve_schedule(config)
   end_step = schedule_lib.end_step(config, total_steps)
+  try:   # before the mesh starts JAX's backend, unless main.py or the caller already did it
+    logging.info("%s.", host_malloc.apply(config.get("host_malloc", "auto")))
+  except OSError as e:
+    raise ConfigError(str(e)) from None
 
   # ===================================== Workdir, writer and mesh ==============================
   workdir_path, writer, mesh = workdir_lib.open_workdir(config, workdir, job.plan.mesh_shape)

@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 
-from convmae_jax import models
+from convmae_jax import host_malloc, models
 from convmae_jax.train.errors import ConfigError
 from convmae_jax.train import sharding as sharding_lib
 from convmae_jax.train import xla_cpu
@@ -144,6 +144,7 @@ def _check_mesh_batch_steps(config, num_devices: int, process_count: int) -> tup
                       "stop).")
   try:
     xla_cpu.check(config.get("cpu_matmuls", "auto"))
+    host_malloc.check(config.get("host_malloc", "auto"))
   except ValueError as e:
     raise ConfigError(str(e)) from None
   timeout = config.get("peer_timeout_s", 120.0)
