@@ -5,13 +5,14 @@ intermediates) as one block per run: 4.05 GB per ConvViT-B fine-tuning step at b
 glibc's malloc serves a block that large with a fresh ``mmap`` and returns it with ``munmap`` when
 the run ends, so every step touches 4 GB of new pages: about 1.04 million page faults and 2.2-2.9 s
 of kernel time per step on a 2-core AMD EPYC. With ``reuse`` that step ran 1.11x faster and the
-ConvMAE-B pretraining step 1.15x (BENCHMARKS.md, "Host memory"). ``reuse`` sets three glibc malloc options (``mallopt``) so the block comes from the heap
-and stays there between steps: one arena for every thread (XLA's worker threads would otherwise
-use arenas of at most 64 MB, which fall back to ``mmap`` for larger blocks), no ``mmap`` for large
-blocks, no trimming of the heap's top. The process then keeps its peak host memory instead of
-returning it between steps; nothing computed changes. The heap may still grow during the first
-steps (a small allocation can take a piece of a freed block before the block is asked for again);
-the fine-tuning step's faults fell to zero within 4-6 steps.
+ConvMAE-B pretraining step 1.15x (BENCHMARKS.md, "Host memory"). ``reuse`` sets three glibc malloc
+options (``mallopt``) so the block comes from the heap and stays there between steps: one arena for
+every thread (XLA's worker threads would otherwise use arenas of at most 64 MB, which fall back to
+``mmap`` for larger blocks), no ``mmap`` for large blocks, no trimming of the heap's top. The
+process then keeps its peak host memory instead of returning it between steps; nothing computed
+changes. The heap may still grow during the first steps (a small allocation can take a piece of a
+freed block before the block is asked for again); the fine-tuning step's faults fell to zero within
+4-6 steps.
 
 It must run before JAX starts its CPU backend (the first ``jax.devices()``, array or compiled
 program): glibc gives a thread its arena at the thread's first allocation, and XLA's threads are

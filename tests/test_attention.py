@@ -190,8 +190,8 @@ def test_explicit_split_and_scale_match_the_official_formulation(heads, rel_pos)
     y = module(x, bias) if form == "model" else _reference_explicit(module, x, bias)
     return jnp.sum(y * cotangent), y
 
-  run = jax.jit(lambda p, x, form: jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(p, x, form),
-                static_argnums=2)
+  run = jax.jit(lambda p, x, form: jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      p, x, form), static_argnums=2)
   (_, y_model), g_model = run(params, x, "model")
   (_, y_ref), g_ref = run(params, x, "reference")
   out_err, grad_err = _max_abs(y_model, y_ref), _max_abs(g_model, g_ref)

@@ -236,7 +236,8 @@ class Attention(nnx.Module):
                                   has_bias=self.rel_pos != "none" or bias is not None)
     if impl != "explicit":
       return self._fused(x, bias, impl)
-    q, k, v = (t.reshape(b, length, h, d // h).transpose(0, 2, 1, 3) for t in _split_qkv(self.qkv(x)))
+    q, k, v = (t.reshape(b, length, h, d // h).transpose(0, 2, 1, 3)
+               for t in _split_qkv(self.qkv(x)))
     if _exact_power_of_two(self.scale):
       # Scaling q by 2^-n is exact, so the scores are bit-equal to scaling them, on 1/L of the data.
       scores = ((q * jnp.asarray(self.scale, q.dtype)) @ k.swapaxes(-1, -2)).astype(jnp.float32)
@@ -258,7 +259,7 @@ class Attention(nnx.Module):
     """`jax.nn.dot_product_attention(implementation=impl)` with every score term in one bias."""
     b, length, d = x.shape
     h = self.num_heads
-    q, k, v = (t.reshape(b, length, h, d // h) for t in _split_qkv(self.qkv(x)))  # (B, L, heads, hd)
+    q, k, v = (t.reshape(b, length, h, d // h) for t in _split_qkv(self.qkv(x)))  # B, L, heads, hd
     total = None
     if self.rel_pos == "table":
       total = table_bias(self.relative_position_bias_table[...], self.rel_pos_grid)
