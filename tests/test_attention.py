@@ -21,8 +21,8 @@ def _max_abs(a, b) -> float:
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def _attention(rel_pos):
-  attn = transformer.Attention(DIM, HEADS, kernel_init=layers.xavier_uniform, rel_pos=rel_pos,
+def _attention(rel_pos, heads=HEADS):
+  attn = transformer.Attention(DIM, heads, kernel_init=layers.xavier_uniform, rel_pos=rel_pos,
                           rel_pos_grid=GRID if rel_pos != "none" else None,
                           attention_impl="explicit", rngs=nnx.Rngs(0))
   # Relative-position tables start at zero; random values make their terms count.
@@ -173,12 +173,7 @@ def test_explicit_split_and_scale_match_the_official_formulation(heads, rel_pos)
   when the scale is a power of two (head_dim 16: 2^-2; head_dim 4 with 8 heads: 2^-1), scales q
   instead of the scores; head_dim 8 (4 heads, scale 2^-1.5) keeps the scores' scaling. Forward and
   gradients equal the official formulation to float32 reordering."""
-  attn = transformer.Attention(DIM, heads, kernel_init=layers.xavier_uniform, rel_pos=rel_pos,
-                               rel_pos_grid=GRID if rel_pos != "none" else None,
-                               attention_impl="explicit", rngs=nnx.Rngs(0))
-  params = nnx.state(attn, nnx.Param)
-  keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
-  nnx.update(attn, jax.tree.map(lambda p: p + 0.2 * jax.random.normal(next(keys), p.shape), params))
+  attn = _attention(rel_pos, heads)
   assert transformer._exact_power_of_two(attn.scale) == (heads != 4)
   graphdef, params, rest = nnx.split(attn, nnx.Param, ...)
   x = jax.random.normal(jax.random.key(2), (BATCH, LENGTH, DIM))
