@@ -9,6 +9,7 @@ in transformer blocks. Parameters are float32; `dtype` is the compute dtype of m
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -69,8 +70,54 @@ def zeros(key, shape, dtype=jnp.float32):
 # Primitive layers.
 # ------------------------------------------------------------------------------------------------
 
+def _layer_norm_stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(x - mean, mean, 1/sqrt(var + eps)) over the last axis, x float32: two-pass biased variance."""
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  centered = x - mean
+  var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+  return centered, mean, lax.rsqrt(var + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm over the last axis in float32: (x - mean) · rsqrt(var + eps) · scale + bias.
+
+  The backward pass is written out (the textbook form every fused LayerNorm kernel uses): it keeps
+  x, the row means and the row rsqrt (no normalised copy of x), and computes
+  dx = rsqrt · (g - mean(g) - x̂ · mean(g · x̂)) with g = dy · scale, dscale = Σ dy · x̂,
+  dbias = Σ dy. XLA's own derivative of the forward kept x̂ and broadcast copies of scale and
+  rsqrt as full-size arrays on XLA:CPU (BENCHMARKS.md, "Written backward passes"). Same values up
+  to float reordering.
+  """
+  centered, _, rs = _layer_norm_stats(x.astype(jnp.float32), eps)
+  return centered * rs * scale + bias
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  centered, mean, rs = _layer_norm_stats(x.astype(jnp.float32), eps)
+  return centered * rs * scale + bias, (x, mean, rs, scale)
+
+
+def _layer_norm_bwd(eps, res, dy):
+  del eps
+  x, mean, rs, scale = res
+  x_hat = (x.astype(jnp.float32) - mean) * rs
+  dy = dy.astype(jnp.float32)
+  g = dy * scale
+  mean_g = jnp.mean(g, axis=-1, keepdims=True)
+  mean_gx = jnp.mean(g * x_hat, axis=-1, keepdims=True)
+  dx = rs * (g - mean_g - x_hat * mean_gx)
+  rows = tuple(range(dy.ndim - 1))
+  return (dx.astype(x.dtype), jnp.sum(dy * x_hat, axis=rows).astype(scale.dtype),
+          jnp.sum(dy, axis=rows).astype(scale.dtype))
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class LayerNorm(nnx.Module):
-  """LayerNorm over the last axis, computed in float32, output in the compute dtype."""
+  """LayerNorm over the last axis, computed in float32 (`layer_norm`), output in the compute
+  dtype."""
 
   def __init__(self, dim: int, eps: float, *, dtype=jnp.float32):
     self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
@@ -79,12 +126,47 @@ class LayerNorm(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    centered = x - mean
-    var = jnp.mean(centered * centered, axis=-1, keepdims=True)
-    y = centered * lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
-    return y.astype(self.dtype)
+    return layer_norm(x, self.scale[...], self.bias[...], float(self.eps)).astype(self.dtype)
+
+
+@jax.custom_vjp
+def _matmul_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return x @ kernel
+
+
+def _matmul_cpu_fwd(x, kernel):
+  return x @ kernel, (x, kernel)
+
+
+def _matmul_cpu_bwd(res, dy):
+  x, kernel = res
+  fan_in, fan_out = kernel.shape
+  dx = lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+  rows_x, rows_dy = x.reshape(-1, fan_in), dy.reshape(-1, fan_out)
+  # The narrower operand is transposed (one copy), so the product is a plain one whose output's
+  # minor axis is the wider one; the barriers keep XLA from folding the transposes back.
+  if fan_in <= fan_out:
+    dk = lax.optimization_barrier(rows_x.T) @ rows_dy
+  else:
+    dk = lax.optimization_barrier(lax.optimization_barrier(rows_dy.T) @ rows_x).T
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
+
+
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x (..., in) @ kernel (in, out), the product of every `Linear` and `PatchConv`.
+
+  On XLA:CPU the kernel gradient (Σ over rows of xᵀ·dy) is written out: XLA hands that product,
+  whose operands are both transposed, to Eigen; as a transposed copy of the narrower operand and a
+  plain product it runs in YNNPACK, 3-25% faster per product at ConvViT-B's shapes
+  (BENCHMARKS.md, "Written backward passes"). Other backends use XLA's own derivative. Same
+  values up to float reordering.
+  """
+  if jax.default_backend() != "cpu":
+    return x @ kernel
+  return _matmul_cpu(x, kernel)
 
 
 class Linear(nnx.Module):
@@ -97,7 +179,7 @@ class Linear(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+    y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     return y + self.bias[...].astype(self.dtype)
 
 
@@ -121,7 +203,7 @@ class PatchConv(nnx.Module):
     x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(n, h // p, w // p, p * p * c).astype(self.dtype)
     kernel = self.kernel[...].reshape(p * p * c, -1).astype(self.dtype)
-    return x @ kernel + self.bias[...].astype(self.dtype)
+    return matmul(x, kernel) + self.bias[...].astype(self.dtype)
 
 
 class DepthwiseConv(nnx.Module):

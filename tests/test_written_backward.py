@@ -1,0 +1,188 @@
+"""The backward passes written out in `layers`, against XLA's own derivatives and float64:
+
+* `layer_norm`: the forward pass is the two-pass float32 formula bit for bit; the backward pass
+  gives XLA's derivative of that formula up to float reordering, for every input dtype, inside
+  `jax.checkpoint` and inside a whole model's gradient.
+* `matmul`: on XLA:CPU the kernel gradient is a plain product of a transposed copy (no product with
+  both operands transposed is left in the compiled program); values as XLA's derivative.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from convmae_jax import models
+from convmae_jax.models import layers
+
+
+def _plain(x, scale, bias, eps):
+  """The formula as it was written before the backward pass was: XLA differentiates it."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  centered = x - mean
+  var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+  return centered * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def _float64_grads(x, scale, dy, eps):
+  """(dx, dscale, dbias) in float64 numpy, from the definition (chain rule through mean and var)."""
+  x, scale, dy = (np.asarray(a, np.float64) for a in (x, scale, dy))
+  n = x.shape[-1]
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  rs = 1.0 / np.sqrt(var + eps)
+  x_hat = (x - mean) * rs
+  g = dy * scale
+  dvar = np.sum(g * (x - mean), -1, keepdims=True) * -0.5 * rs ** 3
+  dmean = -np.sum(g * rs, -1, keepdims=True) + dvar * np.mean(-2.0 * (x - mean), -1, keepdims=True)
+  dx = g * rs + dvar * 2.0 * (x - mean) / n + dmean / n
+  rows = tuple(range(x.ndim - 1))
+  return dx, np.sum(dy * x_hat, rows), np.sum(dy, rows)
+
+
+def _inputs(shape, seed=0):
+  k = jax.random.split(jax.random.key(seed), 4)
+  c = shape[-1]
+  x = 3.0 * jax.random.normal(k[0], shape) + 1.5          # a mean and a spread to take out
+  scale = 1.0 + 0.3 * jax.random.normal(k[1], (c,))
+  bias = 0.2 * jax.random.normal(k[2], (c,))
+  dy = jax.random.normal(k[3], shape)
+  return x, scale, bias, dy
+
+
+def _vjp(fn, x, scale, bias, dy, eps):
+  y, pull = jax.vjp(lambda a, s, b: fn(a, s, b, eps), x, scale, bias)
+  return (y,) + pull(dy.astype(y.dtype))
+
+
+@pytest.mark.parametrize("shape,eps", [((2, 5, 7, 16), 1e-5), ((3, 11, 24), 1e-6), ((4, 256), 1e-5)])
+def test_forward_bit_equal_and_gradients_match_autodiff_and_float64(shape, eps):
+  x, scale, bias, dy = _inputs(shape)
+  ours = jax.jit(lambda *a: _vjp(layers.layer_norm, *a, eps))(x, scale, bias, dy)
+  plain = jax.jit(lambda *a: _vjp(_plain, *a, eps))(x, scale, bias, dy)
+  np.testing.assert_array_equal(np.asarray(ours[0]), np.asarray(plain[0]))
+  exact = _float64_grads(x, scale, dy, eps)
+  for mine, xla, ref in zip(ours[1:], plain[1:], exact):
+    assert mine.shape == xla.shape == ref.shape and mine.dtype == jnp.float32
+    size = float(np.max(np.abs(ref)))
+    err_ours = float(np.max(np.abs(np.asarray(mine, np.float64) - ref))) / size
+    err_xla = float(np.max(np.abs(np.asarray(xla, np.float64) - ref))) / size
+    assert err_ours < 2e-6, (err_ours, err_xla)
+    assert float(np.max(np.abs(np.asarray(mine) - np.asarray(xla)))) / size < 4e-6
+
+
+def test_bfloat16_input_gets_a_bfloat16_gradient_and_float32_parameter_gradients():
+  x, scale, bias, dy = _inputs((2, 6, 32), seed=1)
+  xb = x.astype(jnp.bfloat16)
+  ours = _vjp(layers.layer_norm, xb, scale, bias, dy, 1e-5)
+  plain = _vjp(_plain, xb, scale, bias, dy, 1e-5)
+  assert ours[1].dtype == jnp.bfloat16 and plain[1].dtype == jnp.bfloat16
+  assert ours[2].dtype == ours[3].dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(ours[0]), np.asarray(plain[0]))
+  for a, b in zip(ours[1:], plain[1:]):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert float(np.max(np.abs(a - b))) <= 0.02 * float(np.max(np.abs(b)))
+
+
+def test_module_output_dtype_and_checkpoint_policy():
+  x, _, _, dy = _inputs((2, 4, 4, 16), seed=2)
+  norm = layers.LayerNorm(16, 1e-5, dtype=jnp.bfloat16)
+  assert norm(x).dtype == jnp.bfloat16
+  norm = layers.LayerNorm(16, 1e-5)
+  graphdef, params = nnx.split(norm, nnx.Param)
+  loss = lambda p, a: jnp.sum(nnx.merge(graphdef, p)(a) * dy)
+  remat = jax.checkpoint(loss, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  g1 = jax.grad(loss, argnums=(0, 1))(params, x)
+  g2 = jax.grad(remat, argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_whole_model_gradient_matches_the_plain_formulas(monkeypatch):
+  """A tiny ConvViT's parameter gradients with the written backward passes against XLA's
+  derivatives of the plain formulas (the layers patched back to them): equal up to float
+  reordering."""
+  model = models.create("convvit_tiny", rngs=nnx.Rngs(0), img_size=32, num_classes=5,
+                        global_pool=True, drop_path_rate=0.0)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  images = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+
+  def grads():
+    loss = lambda p: jnp.sum(jax.nn.log_softmax(nnx.merge(graphdef, p, rest)(images))[:, 1])
+    return jax.jit(jax.grad(loss))(params)
+
+  ours = grads()
+  monkeypatch.setattr(layers, "layer_norm", _plain)
+  monkeypatch.setattr(layers, "matmul", lambda x, kernel: x @ kernel)
+  plain = grads()
+  leaves_ours, leaves_plain = jax.tree.leaves(ours), jax.tree.leaves(plain)
+  assert len(leaves_ours) == len(leaves_plain) > 20
+  worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / (float(np.max(np.abs(b))) + 1e-12)
+              for a, b in zip(leaves_ours, leaves_plain))
+  assert worst < 1e-4, worst
+
+
+def _dense_inputs(lead, fan_in, fan_out, seed=0, dtype=jnp.float32):
+  k = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(k[0], lead + (fan_in,)).astype(dtype)
+  kernel = (jax.random.normal(k[1], (fan_in, fan_out)) / np.sqrt(fan_in)).astype(dtype)
+  dy = jax.random.normal(k[2], lead + (fan_out,)).astype(dtype)
+  return x, kernel, dy
+
+
+def _product_vjp(fn, x, kernel, dy):
+  y, pull = jax.vjp(fn, x, kernel)
+  return (y,) + pull(dy)
+
+
+@pytest.mark.parametrize("lead,fan_in,fan_out", [((2, 3, 5), 8, 24), ((4, 7), 24, 8), ((30,), 16, 16)])
+def test_matmul_gradients_match_xla_and_float64(lead, fan_in, fan_out):
+  x, kernel, dy = _dense_inputs(lead, fan_in, fan_out)
+  ours = jax.jit(lambda *a: _product_vjp(layers.matmul, *a))(x, kernel, dy)
+  plain = jax.jit(lambda *a: _product_vjp(lambda u, w: u @ w, *a))(x, kernel, dy)
+  np.testing.assert_array_equal(np.asarray(ours[0]), np.asarray(plain[0]))
+  x64, k64, dy64 = (np.asarray(a, np.float64) for a in (x, kernel, dy))
+  exact = (dy64 @ k64.T, x64.reshape(-1, fan_in).T @ dy64.reshape(-1, fan_out))
+  for mine, xla, ref in zip(ours[1:], plain[1:], exact):
+    assert mine.shape == xla.shape == ref.shape and mine.dtype == jnp.float32
+    size = float(np.max(np.abs(ref)))
+    assert float(np.max(np.abs(np.asarray(mine, np.float64) - ref))) / size < 1e-6
+    assert float(np.max(np.abs(np.asarray(mine) - np.asarray(xla)))) / size < 1e-6
+
+
+_BOTH_TRANSPOSED = re.compile(r"dot\([^)]*\), lhs_contracting_dims=\{0\}, rhs_contracting_dims=\{0\}")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the written product is XLA:CPU's")
+@pytest.mark.parametrize("fan_in,fan_out", [(16, 48), (48, 16)])
+def test_matmul_kernel_gradient_is_a_plain_product_on_cpu(fan_in, fan_out):
+  x, kernel, dy = _dense_inputs((64,), fan_in, fan_out)
+
+  def hlo(fn):
+    grad = jax.jit(lambda a, w: jax.vjp(fn, a, w)[1](dy))
+    return grad.lower(x, kernel).compile().as_text()
+
+  # XLA's derivative contracts the rows of both operands; the written one never does.
+  assert _BOTH_TRANSPOSED.search(hlo(lambda u, w: u @ w))
+  assert not _BOTH_TRANSPOSED.search(hlo(layers.matmul))
+
+
+def test_matmul_bfloat16_dtypes_and_module_use():
+  x, kernel, dy = _dense_inputs((6, 5), 12, 20, seed=4, dtype=jnp.bfloat16)
+  y, dx, dk = _product_vjp(layers.matmul, x, kernel, dy)
+  assert y.dtype == dx.dtype == dk.dtype == jnp.bfloat16
+  _, dx_plain, dk_plain = _product_vjp(lambda u, w: u @ w, x, kernel, dy)
+  for a, b in ((dx, dx_plain), (dk, dk_plain)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert float(np.max(np.abs(a - b))) <= 0.02 * float(np.max(np.abs(b)))
+  # Linear goes through it: its kernel gradient is the written product's.
+  lin = layers.Linear(12, 20, kernel_init=layers.normal(0.1), rngs=nnx.Rngs(0))
+  xf, _, dyf = _dense_inputs((6, 5), 12, 20, seed=5)
+  graphdef, params = nnx.split(lin, nnx.Param)
+  g_lin = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(xf) * dyf))(params)["kernel"][...]
+  g_fn = jax.grad(lambda w: jnp.sum(layers.matmul(xf, w) * dyf))(lin.kernel[...])
+  np.testing.assert_array_equal(np.asarray(g_lin), np.asarray(g_fn))
