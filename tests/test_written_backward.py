@@ -123,7 +123,7 @@ def test_whole_model_gradient_matches_the_plain_formulas(monkeypatch):
   assert len(leaves_ours) == len(leaves_plain) > 20
   worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / (float(np.max(np.abs(b))) + 1e-12)
               for a, b in zip(leaves_ours, leaves_plain))
-  assert worst < 1e-4, worst
+  assert worst < 2e-5, worst     # measured 6.5e-7
 
 
 def _dense_inputs(lead, fan_in, fan_out, seed=0, dtype=jnp.float32):
