@@ -150,7 +150,8 @@ def test_cpu_matmuls_lines(tmp_path):
   assert {tuple(r["m_k_n"]) for r in first} == {(2 * 8 * 8, c, 4 * c), (c, 2 * 8 * 8, 4 * c)}
   for r in rows:
     assert r["ynnpack_ms"] > 0 and r["eigen_ms"] > 0
-    assert r["eigen_speed"] == pytest.approx(r["ynnpack_ms"] / r["eigen_ms"], rel=0.01)
+    # the ratio is printed to 3 decimals (abs error up to 5e-4), the times to 4
+    assert r["eigen_speed"] == pytest.approx(r["ynnpack_ms"] / r["eigen_ms"], rel=0.01, abs=6e-4)
     assert r["max_rel_diff"] < 1e-5          # the same products up to summation order
 
 
@@ -175,5 +176,5 @@ def test_cpu_matmuls_forward_line(tmp_path):
   c = r["stage1_product"]
   assert c > 0 and r["auto_picks"] == ("eigen" if c >= 2 ** 31 else "ynnpack") == "ynnpack"
   assert r["ynnpack_s"] > 0 and r["eigen_s"] > 0
-  assert r["eigen_speed"] == pytest.approx(r["ynnpack_s"] / r["eigen_s"], rel=0.01)
+  assert r["eigen_speed"] == pytest.approx(r["ynnpack_s"] / r["eigen_s"], rel=0.01, abs=6e-4)
   assert r["max_rel_diff"] < 1e-5
