@@ -44,7 +44,7 @@ def test_step_vs_torch_lines(tmp_path):
         r["flops_dense_equiv"] / r["step_s_median"] / 1e12 / r["matmul_peak_tflops"], rel=2e-2,
         abs=1e-4)
   ratio = plain["images_per_s"] / torch_rows[0]["images_per_s"]
-  assert plain["speed_vs_torch"] == pytest.approx(ratio, rel=1e-2)
+  assert plain["speed_vs_torch"] == pytest.approx(ratio, rel=1e-2, abs=6e-4)
 
 
 def test_step_vs_torch_refuses_bad_lists(tmp_path):
