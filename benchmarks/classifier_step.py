@@ -6,7 +6,8 @@ Fine-tuning step: forward + backward + AdamW with layer-wise lr decay, drop path
 cross entropy on mixup-style soft targets (the JAX step is `train.step.build_train_step`, as the trainer
 runs it). Linear-probe step: the frozen encoder forward (no backward through it) + BatchNorm + head +
 LARS. Evaluation step (``--jobs eval``): the model's forward pass in eval mode (PyTorch under
-``no_grad``). The sides alternate A B A B and the medians are compared. Prints one JSON line per
+``no_grad``). ``--dtype bfloat16``: JAX computes in bfloat16 (float32 parameters) and the twin's
+forward runs under ``torch.autocast("cpu", dtype=torch.bfloat16)``. The sides alternate A B A B and the medians are compared. Prints one JSON line per
 job and JAX variant with each side's median step time, images/s and the JAX/PyTorch speed ratio.
 JAX variants (timed in turns with the twin): ``--dwconv_backward`` (the depthwise conv's backward
 forms) and ``--cpu_matmuls`` (the trainer's config.cpu_matmuls, train/xla_cpu.py: which library
@@ -89,6 +90,11 @@ def jax_step(job, args, cpu_matmuls: str = "auto"):
   return step, params, tx.init(params), rest
 
 
+def twin_autocast(args):
+  """The twin's precision for ``--dtype``: CPU autocast to bfloat16, or float32 (a no-op context)."""
+  return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+
 def torch_step(job, args):
   torch.manual_seed(0)
   if job == "eval":
@@ -97,7 +103,7 @@ def torch_step(job, args):
 
     def forward(images, target):
       del target
-      with torch.no_grad():
+      with torch.no_grad(), twin_autocast(args):
         return model(images)
     return forward
   model = interop.torch_model(args.model, img_size=args.img_size, num_classes=1000,
@@ -118,7 +124,9 @@ def torch_step(job, args):
   model.train()
 
   def step(images, target):
-    logits = model(images)
+    with twin_autocast(args):
+      logits = model(images)
+    logits = logits.float()
     loss = torch.sum(-target * torch.log_softmax(logits, dim=-1), dim=-1).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -161,7 +169,8 @@ def main():
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=2)
-  ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="JAX compute dtype; bfloat16 runs the twin under CPU autocast")
   ap.add_argument("--jobs", default="finetune,linprobe",
                   help="comma list of finetune, linprobe, eval (the evaluation forward pass)")
   ap.add_argument("--dwconv_impl", default="auto", choices=("auto", "shift", "lax"),
@@ -224,7 +233,8 @@ def main():
       j_med = statistics.median(times[v])
       print(json.dumps({
           "job": job, "model": args.model, "img_size": args.img_size, "batch": args.batch,
-          "jax_dtype": args.dtype, "dwconv_impl": args.dwconv_impl, "dwconv_backward": v[0],
+          "jax_dtype": args.dtype,
+          "torch_autocast": "bfloat16" if args.dtype == "bfloat16" else "off", "dwconv_impl": args.dwconv_impl, "dwconv_backward": v[0],
           "cpu_matmuls": v[1], "cpu_matmuls_resolved": xla_cpu.resolve(
               v[1], forward_only=job != "finetune", product=xla_cpu.stage1_product(
                   models.config_for(args.model, img_size=args.img_size), args.batch)) if not xla_cpu.user_flag_set() else "XLA_FLAGS",

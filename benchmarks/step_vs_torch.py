@@ -11,8 +11,10 @@ loss, on random images, as the trainer runs it. The JAX variants (every combinat
 lists) and the twin run in turn, A B C A B C ..., so drift of clocks or load hits all alike; each
 timing covers ``--inner`` steps ended by a device sync, and the median over ``--steps`` timings is
 reported. On a GPU the twin runs under ``torch.autocast`` (bfloat16 by default, ``--torch_autocast
-float16`` adds the official GradScaler) with cuDNN autotuning, as the official code trains; JAX
-computes in ``--dtype`` with float32 parameters.
+float16`` adds the official GradScaler) with cuDNN autotuning, as the official code trains; on a
+CPU it runs under ``torch.autocast("cpu", dtype=torch.bfloat16)`` when ``--dtype bfloat16`` (the
+comparison for CPUs with AVX-512-BF16 or AMX), in float32 otherwise. JAX computes in ``--dtype``
+with float32 parameters.
 
 Prints one JSON line per side. FLOPs are matmul + conv FLOPs counted from the step's own program
 (``convmae_jax.flops``): ``flops_executed`` is what that variant computes, ``flops_dense_equiv``
@@ -211,6 +213,15 @@ class JaxSide:
     return (time.perf_counter() - t0) / k
 
 
+def torch_autocast(args, cuda: bool) -> str:
+  """The twin's autocast dtype name ("off" for none) for ``--torch_autocast`` on this device."""
+  if args.torch_autocast != "auto":
+    return args.torch_autocast
+  if cuda:
+    return "bfloat16"
+  return "bfloat16" if args.dtype == "bfloat16" else "off"
+
+
 class TorchSide:
   """The PyTorch twin (official formulation) with AdamW; autocast on a GPU."""
 
@@ -227,7 +238,7 @@ class TorchSide:
                                  betas=(0.9, 0.95), weight_decay=0.05)
     self.images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=self.device)
     self.length = (args.img_size // 16) ** 2
-    self.autocast = args.torch_autocast if self.cuda else "off"
+    self.autocast = torch_autocast(args, self.cuda)
     self.scaler = None
     if self.autocast == "float16":
       self.scaler = torch.amp.GradScaler("cuda")
@@ -245,7 +256,7 @@ class TorchSide:
     noise = torch.rand(self.images.shape[0], self.length, device=self.device)
     if self.autocast != "off":
       dt = torch.bfloat16 if self.autocast == "bfloat16" else torch.float16
-      with torch.autocast("cuda", dtype=dt):
+      with torch.autocast(self.device.type, dtype=dt):
         loss, _, _ = self.model(self.images, noise=noise)
     else:
       loss, _, _ = self.model(self.images, noise=noise)
@@ -289,8 +300,9 @@ def parse_args(argv=None):
   ap.add_argument("--complementary", default="off", help="comma list of off, on: FastConvMAE's "
                   "complementary masks (each image gives 1/(1-mask_ratio) masked targets per step)")
   ap.add_argument("--torch", default="on", choices=("on", "off"), help="off: JAX variants only")
-  ap.add_argument("--torch_autocast", default="bfloat16", choices=("bfloat16", "float16", "off"),
-                  help="the twin's mixed precision on a GPU (float16 uses a GradScaler)")
+  ap.add_argument("--torch_autocast", default="auto", choices=("auto", "bfloat16", "float16", "off"),
+                  help="the twin's mixed precision. auto: bfloat16 on a GPU; on a CPU bfloat16 when "
+                  "--dtype is bfloat16, else off. float16 (GPU only) uses a GradScaler")
   ap.add_argument("--steps", type=int, default=5, help="timings per side (the median is reported)")
   ap.add_argument("--inner", type=int, default=None, help="steps per timing (default 1 on CPU, 5 "
                   "on accelerators)")
@@ -317,6 +329,8 @@ def parse_args(argv=None):
     lists[name] = values
   if args.dtype not in ("float32", "bfloat16"):
     ap.error(f"--dtype {args.dtype!r} is not one of ('float32', 'bfloat16')")
+  if args.torch_autocast == "float16" and jax.default_backend() == "cpu":
+    ap.error("--torch_autocast float16 needs a GPU (the CPU twin takes bfloat16 or off)")
   try:
     models.config_for(args.model, img_size=args.img_size)
     for impl in lists["attention_impl"]:

@@ -47,6 +47,20 @@ def test_step_vs_torch_lines(tmp_path):
   assert plain["speed_vs_torch"] == pytest.approx(ratio, rel=1e-2, abs=6e-4)
 
 
+def test_step_vs_torch_bfloat16_on_cpu(tmp_path):
+  # --dtype bfloat16 on a CPU: JAX computes in bfloat16, the twin under torch.autocast("cpu").
+  rows = run_json_lines(["benchmarks/step_vs_torch.py", "--model", "convmae_tiny", "--img_size", "32",
+                         "--batch", "2", "--dtype", "bfloat16", "--steps", "1", "--warmup", "0",
+                         "--peak_n", "256"], tmp_path)
+  (j,) = [r for r in rows if r.get("side") == "jax"]
+  (t,) = [r for r in rows if r.get("side") == "torch"]
+  assert j["dtype"] == "bfloat16" and t["autocast"] == "bfloat16"
+  assert j["step_s_median"] > 0 and t["step_s_median"] > 0
+  proc = subprocess.run([sys.executable, "benchmarks/step_vs_torch.py", "--torch_autocast", "float16"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "needs a GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_step_vs_torch_refuses_bad_lists(tmp_path):
   proc = subprocess.run([sys.executable, "benchmarks/step_vs_torch.py", "--complementary", "maybe"],
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -166,6 +180,16 @@ def test_classifier_step_lines(tmp_path):
     assert r["jax_step_s"] > 0 and r["torch_step_s"] > 0
     # the ratio is printed to 2 decimals, the times to 6
     assert r["jax_vs_torch_speed"] == pytest.approx(r["torch_step_s"] / r["jax_step_s"], rel=0.001, abs=0.0051)
+
+
+def test_classifier_step_bfloat16_lines(tmp_path):
+  rows = run_json_lines(["benchmarks/classifier_step.py", "--model", "convvit_tiny", "--img_size",
+                         "32", "--batch", "2", "--steps", "1", "--warmup", "0", "--jobs",
+                         "finetune,eval", "--dtype", "bfloat16"], tmp_path)
+  assert [(r["job"], r["jax_dtype"], r["torch_autocast"]) for r in rows] == [
+      ("finetune", "bfloat16", "bfloat16"), ("eval", "bfloat16", "bfloat16")]
+  for r in rows:
+    assert r["jax_step_s"] > 0 and r["torch_step_s"] > 0
 
 
 def test_cpu_matmuls_forward_line(tmp_path):
