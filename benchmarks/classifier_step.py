@@ -50,7 +50,7 @@ def eval_step(args, cpu_matmuls: str = "auto"):
   forward = jax.jit(lambda p, r, images: nnx.merge(graphdef, p, r)(images),
                     compiler_options=xla_cpu.compiler_options(
                         cpu_matmuls, forward_only=True,
-                        product=xla_cpu.stage1_product(model.config, args.batch)))
+                        product=xla_cpu.stage1_product(model.config, args.batch), dtype=args.dtype))
 
   def step(p, opt, r, batch, step_index):
     del step_index
@@ -86,7 +86,8 @@ def jax_step(job, args, cpu_matmuls: str = "auto"):
                                batch_keys=("image", "target"),
                                compiler_options=xla_cpu.compiler_options(
                                    cpu_matmuls, forward_only=job == "linprobe",
-                                   product=xla_cpu.stage1_product(model.config, args.batch)))
+                                   product=xla_cpu.stage1_product(model.config, args.batch),
+                                   dtype=args.dtype))
   return step, params, tx.init(params), rest
 
 
@@ -237,7 +238,8 @@ def main():
           "torch_autocast": "bfloat16" if args.dtype == "bfloat16" else "off", "dwconv_impl": args.dwconv_impl, "dwconv_backward": v[0],
           "cpu_matmuls": v[1], "cpu_matmuls_resolved": xla_cpu.resolve(
               v[1], forward_only=job != "finetune", product=xla_cpu.stage1_product(
-                  models.config_for(args.model, img_size=args.img_size), args.batch)) if not xla_cpu.user_flag_set() else "XLA_FLAGS",
+                  models.config_for(args.model, img_size=args.img_size), args.batch),
+              dtype=args.dtype) if not xla_cpu.user_flag_set() else "XLA_FLAGS",
           "grad_barrier": args.grad_barrier, "host_malloc_reuse": host_malloc_reuse,
           "backend": jax.default_backend(),
           "device": str(jax.devices()[0].device_kind), "cpu": hostinfo.cpu_name(),

@@ -5,6 +5,8 @@
   `jax.checkpoint` and inside a whole model's gradient.
 * `matmul`: on XLA:CPU the kernel gradient is a plain product of a transposed copy (no product with
   both operands transposed is left in the compiled program); values as XLA's derivative.
+* bfloat16 products on XLA:CPU (`matmul`, `batched_matmul`): no operand is widened to float32 in
+  the compiled program (so YNNPACK's bfloat16 kernels run them); values as XLA's.
 """
 
 import re
@@ -186,3 +188,57 @@ def test_matmul_bfloat16_dtypes_and_module_use():
   g_lin = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(xf) * dyf))(params)["kernel"][...]
   g_fn = jax.grad(lambda w: jnp.sum(layers.matmul(xf, w) * dyf))(lin.kernel[...])
   np.testing.assert_array_equal(np.asarray(g_lin), np.asarray(g_fn))
+
+
+# ----------------------------------------------------------------- bfloat16 products on XLA:CPU
+
+def _f32_converts(fn, *args):
+  """Conversions to float32 in fn's compiled program (XLA's widening of bfloat16 operands)."""
+  hlo = jax.jit(fn).lower(*args).compile().as_text()
+  return [line for line in hlo.splitlines() if " convert(" in line and "= f32[" in line]
+
+
+def _batched_inputs(seed=0):
+  k = jax.random.split(jax.random.key(seed), 3)
+  a = jax.random.normal(k[0], (2, 3, 40, 16)).astype(jnp.bfloat16)
+  b = jax.random.normal(k[1], (2, 3, 16, 24)).astype(jnp.bfloat16)
+  g = jax.random.normal(k[2], (2, 3, 40, 24)).astype(jnp.bfloat16)
+  return a, b, g
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's bfloat16 products")
+@pytest.mark.parametrize("fn_name", ["matmul", "batched_matmul"])
+def test_bfloat16_products_and_their_gradients_stay_bfloat16_on_cpu(fn_name):
+  fn = getattr(layers, fn_name)
+  if fn_name == "matmul":
+    args = _dense_inputs((64,), 32, 48, seed=6, dtype=jnp.bfloat16)
+  else:
+    args = _batched_inputs(seed=6)
+  grads = lambda f: (lambda a, b, g: _product_vjp(f, a, b, g))
+  # XLA widens both operands of every product (and its gradients) to float32 when asked for a
+  # bfloat16 result; the written products ask for float32 results of bfloat16 operands instead.
+  assert len(_f32_converts(grads(lambda a, b: a @ b), *args)) >= 3
+  assert _f32_converts(grads(fn), *args) == []
+  ours = jax.jit(grads(fn))(*args)
+  plain = jax.jit(grads(lambda a, b: a @ b))(*args)
+  a64, b64, g64 = (np.asarray(t, np.float64) for t in args)
+  if fn_name == "matmul":
+    exact = (a64 @ b64, g64 @ b64.T, a64.T @ g64)
+  else:
+    exact = (a64 @ b64, g64 @ np.swapaxes(b64, -1, -2), np.swapaxes(a64, -1, -2) @ g64)
+  np.testing.assert_array_equal(np.asarray(ours[0], np.float32), np.asarray(plain[0], np.float32))
+  for mine, xla, ref in zip(ours, plain, exact):
+    assert mine.dtype == xla.dtype == jnp.bfloat16 and mine.shape == ref.shape
+    size = float(np.max(np.abs(ref)))
+    # Both are float32 sums rounded once to bfloat16 (relative step 2^-8).
+    assert float(np.max(np.abs(np.asarray(mine, np.float64) - ref))) / size < 2 ** -8
+    assert float(np.max(np.abs(np.asarray(mine, np.float64) - np.asarray(xla, np.float64)))) \
+        / size < 2 ** -8
+
+
+def test_batched_matmul_float32_is_the_plain_product():
+  a, b, g = (t.astype(jnp.float32) for t in _batched_inputs(seed=7))
+  ours = jax.jit(lambda *t: _product_vjp(layers.batched_matmul, *t))(a, b, g)
+  plain = jax.jit(lambda *t: _product_vjp(lambda u, w: u @ w, *t))(a, b, g)
+  for mine, ref in zip(ours, plain):
+    np.testing.assert_array_equal(np.asarray(mine), np.asarray(ref))

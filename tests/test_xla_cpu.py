@@ -46,6 +46,13 @@ def test_choice_per_program_kind_size_backend_and_user_flags():
           for f in (True, False) for p in (BIG, SMALL)] == [
               "eigen", "ynnpack", "ynnpack", "ynnpack", "ynnpack", "ynnpack", "ynnpack", "ynnpack",
               "eigen", "eigen", "eigen", "eigen"]
+  # A bfloat16 program stays in YNNPACK under "auto" (its bfloat16 kernels); a forced choice holds.
+  assert xla_cpu.compiler_options("auto", forward_only=True, product=BIG, dtype="bfloat16",
+                                  **auto) is None
+  assert xla_cpu.compiler_options("eigen", forward_only=True, product=BIG, dtype="bfloat16",
+                                  **auto) == OPTION
+  assert "forward-only bfloat16 program" in xla_cpu.describe(
+      "auto", forward_only=True, product=BIG, dtype="bfloat16", **auto)
   with pytest.raises(ValueError, match=r"cpu_matmuls='mkl' is not accepted; use 'auto'"):
     xla_cpu.compiler_options("mkl", forward_only=True, product=BIG, **auto)
 
@@ -59,6 +66,12 @@ def test_choose_spreads_the_batch_over_the_data_parallel_devices(monkeypatch):
   assert options == (OPTION if on_cpu else None) and ("Eigen" in line) == on_cpu
   # The same global batch over 4 devices is 2 images each: YNNPACK.
   options, line = xla_cpu.choose(config, base, (2, 2), forward_only=True, batch_size=8)
+  assert options is None and "Eigen" not in line
+  # The model's compute dtype reaches the rule: a bfloat16 Base encoder stays in YNNPACK.
+  assert xla_cpu.compute_dtype(base) == "float32"
+  base_bf16 = models.config_for("convvit_base", dtype="bfloat16")
+  assert xla_cpu.compute_dtype(base_bf16) == "bfloat16"
+  options, line = xla_cpu.choose(config, base_bf16, (1, 1), forward_only=True, batch_size=8)
   assert options is None and "Eigen" not in line
 
 

@@ -129,27 +129,50 @@ class LayerNorm(nnx.Module):
     return layer_norm(x, self.scale[...], self.bias[...], float(self.eps)).astype(self.dtype)
 
 
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+  """``lax.dot_general`` contracting axis ``contract[0]`` of a with ``contract[1]`` of b, in the
+  operands' dtype. bfloat16 operands are multiplied into a float32 result that is then rounded:
+  the value XLA computes for a bfloat16 product anyway (it accumulates in float32), but asked this
+  way XLA:CPU gives the product to YNNPACK's bfloat16 kernels (AVX512-BF16 / AMX) instead of
+  converting both operands to float32 first (BENCHMARKS.md, "bfloat16 on CPU")."""
+  dims = (((contract[0],), (contract[1],)), ((), ()))
+  if a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16:
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+  return lax.dot_general(a, b, dims)
+
+
 @jax.custom_vjp
 def _matmul_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return x @ kernel
+  return _dot(x, kernel, (x.ndim - 1, 0))
 
 
 def _matmul_cpu_fwd(x, kernel):
-  return x @ kernel, (x, kernel)
+  return _matmul_cpu(x, kernel), (x, kernel)
 
 
 def _matmul_cpu_bwd(res, dy):
   x, kernel = res
   fan_in, fan_out = kernel.shape
-  dx = lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
-  rows_x, rows_dy = x.reshape(-1, fan_in), dy.reshape(-1, fan_out)
+  dx = _dot(dy.astype(x.dtype), kernel.astype(x.dtype), (dy.ndim - 1, 1))
+  rows_x, rows_dy = x.reshape(-1, fan_in), dy.reshape(-1, fan_out).astype(x.dtype)
   # The narrower operand is transposed (one copy), so the product is a plain one whose output's
-  # minor axis is the wider one; the barriers keep XLA from folding the transposes back.
+  # minor axis is the wider one.
   if fan_in <= fan_out:
-    dk = lax.optimization_barrier(rows_x.T) @ rows_dy
+    dk = _dot(_transposed_copy(rows_x), rows_dy, (1, 0))
   else:
-    dk = lax.optimization_barrier(lax.optimization_barrier(rows_dy.T) @ rows_x).T
+    dk = lax.optimization_barrier(_dot(_transposed_copy(rows_dy), rows_x, (1, 0))).T
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+def _transposed_copy(a: jax.Array) -> jax.Array:
+  """a (..., m, n) transposed to (..., n, m) and stored so, for a product to read row-major.
+
+  A bare transpose reaches XLA with a permuted layout, which XLA folds into the product (a form
+  that YNNPACK does not take, and for bfloat16 operands a conversion of both to float32); the
+  reshape through an added unit axis, behind a barrier, makes it a row-major copy."""
+  t = jnp.swapaxes(a, -1, -2)
+  shape = t.shape
+  return lax.optimization_barrier(t.reshape(*shape[:-1], 1, shape[-1])).reshape(shape)
 
 
 _matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
@@ -167,6 +190,46 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
   if jax.default_backend() != "cpu":
     return x @ kernel
   return _matmul_cpu(x, kernel)
+
+
+def _bf16_batched(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+  """bfloat16 a (..., ·, ·) times b (..., ·, ·), leading axes batched, axis ``contract[0]`` of a
+  against ``contract[1]`` of b, through a float32 result rounded to bfloat16 (see `_dot`)."""
+  batch = tuple(range(a.ndim - 2))
+  dims = (((contract[0],), (contract[1],)), (batch, batch))
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+
+
+@jax.custom_vjp
+def _batched_matmul_bf16(a: jax.Array, b: jax.Array) -> jax.Array:
+  return _bf16_batched(a, b, (a.ndim - 1, b.ndim - 2))
+
+
+def _batched_matmul_bf16_fwd(a, b):
+  return _batched_matmul_bf16(a, b), (a, b)
+
+
+def _batched_matmul_bf16_bwd(res, g):
+  a, b = res
+  g = g.astype(jnp.bfloat16)
+  da = _bf16_batched(g, b, (g.ndim - 1, b.ndim - 1))            # (..., m, n)·(..., k, n)ᵀ
+  db = _bf16_batched(_transposed_copy(a), g, (a.ndim - 1, g.ndim - 2))   # (..., m, k)ᵀ·(..., m, n)
+  return da, db
+
+
+_batched_matmul_bf16.defvjp(_batched_matmul_bf16_fwd, _batched_matmul_bf16_bwd)
+
+
+def batched_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a (..., m, k) @ b (..., k, n) with the same leading axes: attention's two products.
+
+  On XLA:CPU with bfloat16 operands, the product and its two gradient products are asked for as
+  float32 results rounded to bfloat16 (`_dot`), so they run in YNNPACK's bfloat16 kernels; the
+  values are those of ``a @ b`` and its autodiff up to float reordering. Elsewhere ``a @ b``.
+  """
+  if jax.default_backend() == "cpu" and a.dtype == b.dtype == jnp.bfloat16:
+    return _batched_matmul_bf16(a, b)
+  return a @ b
 
 
 class Linear(nnx.Module):

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convmae_jax.models.layers import (DropPath, Initializer, LayerNorm, Linear, gelu,
-                                       grad_barrier)
+from convmae_jax.models.layers import (DropPath, Initializer, LayerNorm, Linear, batched_matmul,
+                                       gelu, grad_barrier)
 
 
 def _relative_offsets(size: int) -> np.ndarray:
@@ -240,9 +240,10 @@ class Attention(nnx.Module):
                for t in _split_qkv(self.qkv(x)))
     if _exact_power_of_two(self.scale):
       # Scaling q by 2^-n is exact, so the scores are bit-equal to scaling them, on 1/L of the data.
-      scores = ((q * jnp.asarray(self.scale, q.dtype)) @ k.swapaxes(-1, -2)).astype(jnp.float32)
+      scores = batched_matmul(q * jnp.asarray(self.scale, q.dtype), k.swapaxes(-1, -2)).astype(
+          jnp.float32)
     else:
-      scores = (q @ k.swapaxes(-1, -2)).astype(jnp.float32) * self.scale
+      scores = batched_matmul(q, k.swapaxes(-1, -2)).astype(jnp.float32) * self.scale
     if self.rel_pos == "table":
       scores = scores + table_bias(self.relative_position_bias_table[...], self.rel_pos_grid)
     elif self.rel_pos == "decomposed":
@@ -252,7 +253,7 @@ class Attention(nnx.Module):
       scores = scores + bias.astype(jnp.float32)
     softmax = softmax_keep_output if self.lean_softmax else partial(jax.nn.softmax, axis=-1)
     probs = softmax(scores).astype(self.dtype)
-    out = (probs @ v).transpose(0, 2, 1, 3).reshape(b, length, d)
+    out = batched_matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, length, d)
     return self.proj(out)
 
   def _fused(self, x: jax.Array, bias: jax.Array | None, impl: str) -> jax.Array:

@@ -12,14 +12,17 @@ of a backward pass faster, so the fine-tuning and pretraining steps lose with Ei
 
 ``jax.jit(..., compiler_options=...)`` sets the option for one program, leaving every other
 program of the process as XLA_FLAGS (or XLA's defaults) say. ``config.cpu_matmuls``:
-  "auto"    (default) Eigen for a program that runs no backward pass through the encoder (the
-            linear probe's step, the top-1 and mIoU evaluations, the k-NN monitor's embedding)
-            when its stage-1 MLP product per device has at least EIGEN_MIN_PRODUCT multiply-adds
-            (ConvViT-B at 224 px: batch 3 and up; UperNet-B's 512-px windows: one), else YNNPACK;
+  "auto"    (default) Eigen for a float32 program that runs no backward pass through the encoder
+            (the linear probe's step, the top-1 and mIoU evaluations, the k-NN monitor's
+            embedding) when its stage-1 MLP product per device has at least EIGEN_MIN_PRODUCT
+            multiply-adds (ConvViT-B at 224 px: batch 3 and up; UperNet-B's 512-px windows: one),
+            else YNNPACK. A bfloat16 program always gets YNNPACK: it has bfloat16 kernels
+            (AVX512-BF16 / AMX), Eigen converts to float32 (the linear probe's step 1.7x slower);
   "ynnpack" XLA's default for every program;
   "eigen"   Eigen for every program.
 On other backends, and when XLA_FLAGS already sets the option (the user's flags win), nothing is
-set. Only the library changes, not the arithmetic: float32 products either way, sums reordered.
+set. Only the library changes, not the arithmetic: products in the same dtype either way, sums
+reordered.
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ def stage1_product(model_config, batch_per_device: int) -> int:
   return int(batch_per_device) * side * side * width * hidden
 
 
+def compute_dtype(model_config) -> str:
+  """The compute dtype name of a model config (or of a plan's ``backbone``); "float32" if unset."""
+  return str(getattr(getattr(model_config, "backbone", model_config), "dtype", "float32"))
+
+
 def check(value: Any) -> str:
   """``value`` if it is one of CPU_MATMULS, else a ValueError naming it and what is accepted."""
   if value not in CPU_MATMULS:
@@ -65,40 +73,42 @@ def user_flag_set(xla_flags: str | None = None) -> bool:
   return f"--{YNN_OPTION}" in flags
 
 
-def resolve(choice: str, *, forward_only: bool, product: int) -> str:
+def resolve(choice: str, *, forward_only: bool, product: int, dtype: str = "float32") -> str:
   """"ynnpack" or "eigen": what ``choice`` means for a program with or without a backward pass
-  whose largest product has ``product`` multiply-adds per device (``stage1_product``)."""
+  whose largest product has ``product`` multiply-adds per device (``stage1_product``), computing
+  in ``dtype``."""
   check(choice)
   if choice == "auto":
-    return "eigen" if forward_only and product >= EIGEN_MIN_PRODUCT else "ynnpack"
+    large = forward_only and product >= EIGEN_MIN_PRODUCT
+    return "eigen" if large and str(dtype) == "float32" else "ynnpack"
   return choice
 
 
-def compiler_options(choice: str, *, forward_only: bool, product: int,
+def compiler_options(choice: str, *, forward_only: bool, product: int, dtype: str = "float32",
                      backend: str | None = None,
                      xla_flags: str | None = None) -> dict[str, Any] | None:
   """``jax.jit``'s ``compiler_options`` for one program (None: XLA's defaults / XLA_FLAGS)."""
-  library = resolve(choice, forward_only=forward_only, product=product)
+  library = resolve(choice, forward_only=forward_only, product=product, dtype=dtype)
   backend = jax.default_backend() if backend is None else backend
   if backend != "cpu" or user_flag_set(xla_flags) or library == "ynnpack":
     return None
   return {YNN_OPTION: ""}
 
 
-def describe(choice: str, *, forward_only: bool, product: int, backend: str | None = None,
-             xla_flags: str | None = None) -> str:
+def describe(choice: str, *, forward_only: bool, product: int, dtype: str = "float32",
+             backend: str | None = None, xla_flags: str | None = None) -> str:
   """One log line: which library the program's matrix products run in, and why."""
   backend = jax.default_backend() if backend is None else backend
   if backend != "cpu":
     return f"matrix products: the {backend} backend's own (config.cpu_matmuls applies to CPU only)"
   if user_flag_set(xla_flags):
     return f"matrix products: as XLA_FLAGS sets --{YNN_OPTION} (config.cpu_matmuls not applied)"
-  library = resolve(choice, forward_only=forward_only, product=product)
+  library = resolve(choice, forward_only=forward_only, product=product, dtype=dtype)
   name = {"eigen": "Eigen (XLA:CPU's own)", "ynnpack": "YNNPACK (XLA:CPU's default)"}[library]
   why = f"config.cpu_matmuls={choice!r}"
   if choice == "auto":
-    why += (f", a forward-only program, stage-1 product {product:.2e} multiply-adds per device"
-            if forward_only else ", a program with a backward pass")
+    why += (f", a forward-only {dtype} program, stage-1 product {product:.2e} multiply-adds per "
+            "device" if forward_only else ", a program with a backward pass")
   return f"matrix products on CPU: {name} ({why})"
 
 
@@ -109,5 +119,5 @@ def choose(config, model_config, mesh_shape: tuple[int, int], *, forward_only: b
   spread over data x fsdp devices."""
   per_device = max(1, int(batch_size) // (int(mesh_shape[0]) * int(mesh_shape[1])))
   kw = dict(choice=config.get("cpu_matmuls", "auto"), forward_only=forward_only,
-            product=stage1_product(model_config, per_device))
+            product=stage1_product(model_config, per_device), dtype=compute_dtype(model_config))
   return compiler_options(**kw), describe(**kw)
