@@ -4,8 +4,10 @@
 
 Builds a part of ConvViT (``stage1``: patch embedding 1 + the stage-1 blocks; ``stage3``: the
 transformer blocks; ``model``: the whole classifier) and compiles its forward + backward twice:
-as the package has it, and with ``layers.layer_norm`` and/or ``layers.matmul`` patched back to the
-plain formulas (``--change``), so XLA derives those gradients itself. Both programs are compiled
+as the package has it, and with ``layers.layer_norm`` and/or the products (``layers.matmul``,
+``layers.batched_matmul``) patched back to the plain formulas (``--change``), so XLA derives those
+gradients itself. ``--dtype bfloat16`` computes the part in bfloat16 (float32 parameters): there
+the products' change also covers XLA:CPU widening bfloat16 operands to float32. Both programs are compiled
 before timing and then timed in turns, the order alternating every round, on a random output
 gradient (drop path 0). Prints one JSON line: each side's median and minimum seconds, the median
 of the per-round ratios (plain / written), how many rounds the written form won, and each
@@ -44,16 +46,17 @@ def build(args, plain: bool):
   from flax import nnx
 
   from convmae_jax import models
-  from convmae_jax.models import layers
+  from convmae_jax.models import layers, transformer
 
-  saved = layers.layer_norm, layers.matmul
+  saved = layers.layer_norm, layers.matmul, transformer.batched_matmul
   if plain and args.change in ("layernorm", "both"):
     layers.layer_norm = _plain_layer_norm
   if plain and args.change in ("products", "both"):
     layers.matmul = lambda x, kernel: x @ kernel
+    transformer.batched_matmul = lambda a, b: a @ b
   try:
     model = models.create(args.model, rngs=nnx.Rngs(0), img_size=args.img_size, num_classes=1000,
-                          global_pool=True, drop_path_rate=0.0)
+                          global_pool=True, drop_path_rate=0.0, dtype=args.dtype)
     side = args.img_size // model.config.patch_sizes[0]
     if args.part == "stage1":
       part, shape = nnx.List([model.patch_embed1] + list(model.blocks1)), (args.img_size,) * 2 + (3,)
@@ -73,13 +76,13 @@ def build(args, plain: bool):
       return x
 
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(args.batch,) + shape).astype(np.float32))
+    x = jnp.asarray(rng.normal(size=(args.batch,) + shape).astype(np.float32)).astype(args.dtype)
     out = jax.eval_shape(forward, params, x)
-    g = jnp.asarray(rng.normal(size=out.shape).astype(np.float32))
+    g = jnp.asarray(rng.normal(size=out.shape).astype(np.float32)).astype(out.dtype)
     compiled = jax.jit(lambda p, a, c: jax.vjp(forward, p, a)[1](c)).lower(params, x, g).compile()
     jax.block_until_ready(compiled(params, x, g))      # warm-up
   finally:
-    layers.layer_norm, layers.matmul = saved
+    layers.layer_norm, layers.matmul, transformer.batched_matmul = saved
   temp = compiled.memory_analysis().temp_size_in_bytes
   return (lambda: jax.block_until_ready(compiled(params, x, g))), temp
 
@@ -91,6 +94,7 @@ def main(argv=None):
   ap.add_argument("--model", default="convvit_base")
   ap.add_argument("--img_size", type=int, default=224)
   ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--rounds", type=int, default=9)
   hostinfo.add_host_malloc_flag(ap)
   args = ap.parse_args(argv)
@@ -107,7 +111,7 @@ def main(argv=None):
   ratios = [p / w for p, w in zip(times["plain"], times["written"])]
   print(json.dumps({
       "part": args.part, "change": args.change, "model": args.model, "img_size": args.img_size,
-      "batch": args.batch, "rounds": args.rounds, "cpu": hostinfo.cpu_name(),
+      "batch": args.batch, "dtype": args.dtype, "rounds": args.rounds, "cpu": hostinfo.cpu_name(),
       "written_s_median": round(statistics.median(times["written"]), 4),
       "plain_s_median": round(statistics.median(times["plain"]), 4),
       "written_s_min": round(min(times["written"]), 4), "plain_s_min": round(min(times["plain"]), 4),

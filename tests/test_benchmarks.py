@@ -202,3 +202,14 @@ def test_cpu_matmuls_forward_line(tmp_path):
   assert r["ynnpack_s"] > 0 and r["eigen_s"] > 0
   assert r["eigen_speed"] == pytest.approx(r["ynnpack_s"] / r["eigen_s"], rel=0.01, abs=6e-4)
   assert r["max_rel_diff"] < 1e-5
+
+
+def test_written_backward_line_in_bfloat16(tmp_path):
+  rows = run_json_lines(["benchmarks/written_backward.py", "--model", "convvit_tiny", "--img_size",
+                         "32", "--batch", "2", "--part", "stage3", "--change", "products",
+                         "--dtype", "bfloat16", "--rounds", "2"], tmp_path)
+  (r,) = rows
+  assert (r["part"], r["change"], r["dtype"], r["rounds"]) == ("stage3", "products", "bfloat16", 2)
+  assert 0 <= r["written_faster_rounds"] <= 2
+  assert r["written_s_median"] > 0 and r["plain_s_median"] > 0
+  assert r["written_temp_bytes"] > 0 and r["plain_temp_bytes"] > 0
