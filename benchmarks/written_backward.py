@@ -5,9 +5,10 @@
 Builds a part of ConvViT (``stage1``: patch embedding 1 + the stage-1 blocks; ``stage3``: the
 transformer blocks; ``model``: the whole classifier) and compiles its forward + backward twice:
 as the package has it, and with ``layers.layer_norm`` and/or the products (``layers.matmul``,
-``layers.batched_matmul``) patched back to the plain formulas (``--change``), so XLA derives those
-gradients itself. ``--dtype bfloat16`` computes the part in bfloat16 (float32 parameters): there
-the products' change also covers XLA:CPU widening bfloat16 operands to float32. Both programs are compiled
+``layers.batched_matmul``, and ``layers.add_bias``, the bias after each) patched back to the plain
+formulas (``--change``), so XLA derives those gradients itself. ``--dtype bfloat16`` computes the
+part in bfloat16 (float32 parameters): there the products' change also covers XLA:CPU widening
+bfloat16 operands to float32 and its bfloat16 bias-gradient sums. Both programs are compiled
 before timing and then timed in turns, the order alternating every round, on a random output
 gradient (drop path 0). Prints one JSON line: each side's median and minimum seconds, the median
 of the per-round ratios (plain / written), how many rounds the written form won, and each
@@ -48,12 +49,13 @@ def build(args, plain: bool):
   from convmae_jax import models
   from convmae_jax.models import layers, transformer
 
-  saved = layers.layer_norm, layers.matmul, transformer.batched_matmul
+  saved = layers.layer_norm, layers.matmul, transformer.batched_matmul, layers.add_bias
   if plain and args.change in ("layernorm", "both"):
     layers.layer_norm = _plain_layer_norm
   if plain and args.change in ("products", "both"):
     layers.matmul = lambda x, kernel: x @ kernel
     transformer.batched_matmul = lambda a, b: a @ b
+    layers.add_bias = lambda y, bias: y + bias.astype(y.dtype)
   try:
     model = models.create(args.model, rngs=nnx.Rngs(0), img_size=args.img_size, num_classes=1000,
                           global_pool=True, drop_path_rate=0.0, dtype=args.dtype)
@@ -82,7 +84,7 @@ def build(args, plain: bool):
     compiled = jax.jit(lambda p, a, c: jax.vjp(forward, p, a)[1](c)).lower(params, x, g).compile()
     jax.block_until_ready(compiled(params, x, g))      # warm-up
   finally:
-    layers.layer_norm, layers.matmul, transformer.batched_matmul = saved
+    layers.layer_norm, layers.matmul, transformer.batched_matmul, layers.add_bias = saved
   temp = compiled.memory_analysis().temp_size_in_bytes
   return (lambda: jax.block_until_ready(compiled(params, x, g))), temp
 

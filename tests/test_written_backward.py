@@ -242,3 +242,46 @@ def test_batched_matmul_float32_is_the_plain_product():
   plain = jax.jit(lambda *t: _product_vjp(lambda u, w: u @ w, *t))(a, b, g)
   for mine, ref in zip(ours, plain):
     np.testing.assert_array_equal(np.asarray(mine), np.asarray(ref))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's bfloat16 sums")
+def test_bfloat16_bias_gradient_is_a_float32_row_sum_on_cpu():
+  k = jax.random.split(jax.random.key(8), 3)
+  y = jax.random.normal(k[0], (8, 56, 56, 64)).astype(jnp.bfloat16)
+  bias = jax.random.normal(k[1], (64,))
+  dy = jax.random.normal(k[2], y.shape).astype(jnp.bfloat16)
+
+  def vjp(fn):
+    return jax.jit(lambda y, b, g: _product_vjp(fn, y, b, g))
+
+  plain = lambda y, b: y + b.astype(y.dtype)
+  hlo = lambda fn: vjp(fn).lower(y, bias, dy).compile().as_text()
+  # Autodiff's multi-axis bfloat16 sum becomes reduce-windows; the written one a row sum.
+  assert "reduce-window" in hlo(plain)
+  assert "reduce-window" not in hlo(layers.add_bias)
+  out, dy_out, db = vjp(layers.add_bias)(y, bias, dy)
+  out_plain, _, db_plain = vjp(plain)(y, bias, dy)
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(out_plain, np.float32))
+  np.testing.assert_array_equal(np.asarray(dy_out, np.float32), np.asarray(dy, np.float32))
+  assert db.dtype == db_plain.dtype == jnp.float32 and db.shape == (64,)
+  exact = np.asarray(dy, np.float64).reshape(-1, 64).sum(0)
+  # Rounded once to bfloat16: within half a bfloat16 step (at most 2^-8 relative) of the exact sum.
+  assert np.all(np.abs(np.asarray(db, np.float64) - exact) <= np.abs(exact) * 2 ** -8 + 1e-6)
+  # Autodiff's reduce-windows add in bfloat16: further off than one rounding.
+  assert np.max(np.abs(np.asarray(db_plain, np.float64) - exact) / np.abs(exact)) > 2 ** -8
+  # Linear's bias gradient in bfloat16 is the written one.
+  lin = layers.Linear(64, 64, kernel_init=layers.normal(0.1), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(lin, nnx.Param)
+  g_lin = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(y).astype(jnp.float32)
+                                     * dy.astype(jnp.float32)))(params)["bias"][...]
+  np.testing.assert_array_equal(np.asarray(g_lin), np.asarray(db))
+
+
+def test_add_bias_float32_is_the_plain_sum():
+  k = jax.random.split(jax.random.key(9), 3)
+  y, bias = jax.random.normal(k[0], (3, 5, 7, 16)), jax.random.normal(k[1], (16,))
+  dy = jax.random.normal(k[2], y.shape)
+  ours = jax.jit(lambda *a: _product_vjp(layers.add_bias, *a))(y, bias, dy)
+  plain = jax.jit(lambda *a: _product_vjp(lambda u, b: u + b, *a))(y, bias, dy)
+  for mine, ref in zip(ours, plain):
+    np.testing.assert_array_equal(np.asarray(mine), np.asarray(ref))

@@ -232,6 +232,40 @@ def batched_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
   return a @ b
 
 
+@jax.custom_vjp
+def _add_bias_bf16(y: jax.Array, bias: jax.Array) -> jax.Array:
+  return y + bias
+
+
+def _add_bias_bf16_fwd(y, bias):
+  return y + bias, None
+
+
+def _add_bias_bf16_bwd(_, dy):
+  rows = dy.reshape(-1, dy.shape[-1]).astype(jnp.float32)
+  return dy, jnp.sum(rows, axis=0).astype(dy.dtype)
+
+
+_add_bias_bf16.defvjp(_add_bias_bf16_fwd, _add_bias_bf16_bwd)
+
+
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """y (..., C) + bias (C,) in y's dtype: the bias of every `Linear`, `PatchConv` and
+  `DepthwiseConv`.
+
+  On XLA:CPU with a bfloat16 y, the bias gradient (dy summed over every axis but the last) is
+  written as a float32 sum over the rows of dy reshaped to (rows, C), rounded to bfloat16.
+  Autodiff's sum over several axes of a bfloat16 array runs in XLA:CPU as a tree of
+  reduce-windows that adds in bfloat16: 35x slower at (8, 56, 56, 1024), and off by up to 55 where
+  the exact sum is 360 (the written sum: 1, the bfloat16 rounding); BENCHMARKS.md, "bfloat16 on
+  CPU". Elsewhere ``y + bias``.
+  """
+  bias = bias.astype(y.dtype)
+  if jax.default_backend() == "cpu" and y.dtype == jnp.bfloat16:
+    return _add_bias_bf16(y, bias)
+  return y + bias
+
+
 class Linear(nnx.Module):
   """y = x @ kernel + bias with kernel (in, out). Also serves as 1×1 conv on NHWC maps."""
 
@@ -243,7 +277,7 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-    return y + self.bias[...].astype(self.dtype)
+    return add_bias(y, self.bias[...])
 
 
 class PatchConv(nnx.Module):
@@ -266,7 +300,7 @@ class PatchConv(nnx.Module):
     x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(n, h // p, w // p, p * p * c).astype(self.dtype)
     kernel = self.kernel[...].reshape(p * p * c, -1).astype(self.dtype)
-    return matmul(x, kernel) + self.bias[...].astype(self.dtype)
+    return add_bias(matmul(x, kernel), self.bias[...])
 
 
 class DepthwiseConv(nnx.Module):
@@ -289,7 +323,7 @@ class DepthwiseConv(nnx.Module):
       y = dwconv.depthwise_conv_shift(x, kernel)
     else:
       y = dwconv.depthwise_conv_lax(x, kernel)
-    return y + self.bias[...].astype(self.dtype)
+    return add_bias(y, self.bias[...])
 
   def valid(self, windows: jax.Array) -> jax.Array:
     """'VALID' conv of halo windows (..., f+K-1, f+K-1, C) → (..., f, f, C)."""
@@ -305,7 +339,7 @@ class DepthwiseConv(nnx.Module):
       y = lax.conv_general_dilated(flat, kernel, (1, 1), "VALID",
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                    feature_group_count=c).reshape(lead + (fh, fw, c))
-    return y + self.bias[...].astype(self.dtype)
+    return add_bias(y, self.bias[...])
 
 
 @jax.custom_vjp
