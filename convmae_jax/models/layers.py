@@ -141,6 +141,17 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
   return lax.dot_general(a, b, dims)
 
 
+def _transposed_copy(a: jax.Array) -> jax.Array:
+  """a (..., m, n) transposed to (..., n, m) and stored so, for a product to read row-major.
+
+  A bare transpose reaches XLA with a permuted layout, which XLA folds into the product (a form
+  that YNNPACK does not take, and for bfloat16 operands a conversion of both to float32); the
+  reshape through an added unit axis, behind a barrier, makes it a row-major copy."""
+  t = jnp.swapaxes(a, -1, -2)
+  shape = t.shape
+  return lax.optimization_barrier(t.reshape(*shape[:-1], 1, shape[-1])).reshape(shape)
+
+
 @jax.custom_vjp
 def _matmul_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return _dot(x, kernel, (x.ndim - 1, 0))
@@ -164,17 +175,6 @@ def _matmul_cpu_bwd(res, dy):
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
-def _transposed_copy(a: jax.Array) -> jax.Array:
-  """a (..., m, n) transposed to (..., n, m) and stored so, for a product to read row-major.
-
-  A bare transpose reaches XLA with a permuted layout, which XLA folds into the product (a form
-  that YNNPACK does not take, and for bfloat16 operands a conversion of both to float32); the
-  reshape through an added unit axis, behind a barrier, makes it a row-major copy."""
-  t = jnp.swapaxes(a, -1, -2)
-  shape = t.shape
-  return lax.optimization_barrier(t.reshape(*shape[:-1], 1, shape[-1])).reshape(shape)
-
-
 _matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
 
 
@@ -184,12 +184,15 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
   On XLA:CPU the kernel gradient (Σ over rows of xᵀ·dy) is written out: XLA hands that product,
   whose operands are both transposed, to Eigen; as a transposed copy of the narrower operand and a
   plain product it runs in YNNPACK, 3-25% faster per product at ConvViT-B's shapes
-  (BENCHMARKS.md, "Written backward passes"). Other backends use XLA's own derivative. Same
-  values up to float reordering.
+  (BENCHMARKS.md, "Written backward passes"). bfloat16 operands are multiplied into float32
+  results rounded to bfloat16 (`_dot`), forward and backward, so XLA:CPU runs them in YNNPACK's
+  bfloat16 kernels. Other backends use ``x @ kernel`` and XLA's own derivative. Same values up to
+  float reordering.
   """
   if jax.default_backend() != "cpu":
     return x @ kernel
-  return _matmul_cpu(x, kernel)
+  dtype = jnp.result_type(x, kernel)          # as ``@`` promotes mixed operands
+  return _matmul_cpu(x.astype(dtype), kernel.astype(dtype))
 
 
 def _bf16_batched(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
