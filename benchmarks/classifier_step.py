@@ -7,9 +7,9 @@ cross entropy on mixup-style soft targets (the JAX step is `train.step.build_tra
 runs it). Linear-probe step: the frozen encoder forward (no backward through it) + BatchNorm + head +
 LARS. Evaluation step (``--jobs eval``): the model's forward pass in eval mode (PyTorch under
 ``no_grad``). ``--dtype bfloat16``: JAX computes in bfloat16 (float32 parameters) and the twin's
-forward runs under ``torch.autocast("cpu", dtype=torch.bfloat16)``. The sides alternate A B A B and the medians are compared. Prints one JSON line per
-job and JAX variant with each side's median step time, images/s and the JAX/PyTorch speed ratio.
-JAX variants (timed in turns with the twin): ``--dwconv_backward`` (the depthwise conv's backward
+forward runs under ``torch.autocast("cpu", dtype=torch.bfloat16)``. The sides alternate A B A B
+and the medians are compared. Prints one JSON line per job and JAX variant with each side's
+median step time, images/s and the JAX/PyTorch speed ratio. JAX variants (timed in turns with the twin): ``--dwconv_backward`` (the depthwise conv's backward
 forms) and ``--cpu_matmuls`` (the trainer's config.cpu_matmuls, train/xla_cpu.py: which library
 runs XLA:CPU's matrix products; "auto" is what the trainer does).
 """
@@ -235,7 +235,8 @@ def main():
       print(json.dumps({
           "job": job, "model": args.model, "img_size": args.img_size, "batch": args.batch,
           "jax_dtype": args.dtype,
-          "torch_autocast": "bfloat16" if args.dtype == "bfloat16" else "off", "dwconv_impl": args.dwconv_impl, "dwconv_backward": v[0],
+          "torch_autocast": "bfloat16" if args.dtype == "bfloat16" else "off",
+          "dwconv_impl": args.dwconv_impl, "dwconv_backward": v[0],
           "cpu_matmuls": v[1], "cpu_matmuls_resolved": xla_cpu.resolve(
               v[1], forward_only=job != "finetune", product=xla_cpu.stage1_product(
                   models.config_for(args.model, img_size=args.img_size), args.batch),
