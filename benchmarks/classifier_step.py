@@ -9,9 +9,10 @@ LARS. Evaluation step (``--jobs eval``): the model's forward pass in eval mode (
 ``no_grad``). ``--dtype bfloat16``: JAX computes in bfloat16 (float32 parameters) and the twin's
 forward runs under ``torch.autocast("cpu", dtype=torch.bfloat16)``. The sides alternate A B A B
 and the medians are compared. Prints one JSON line per job and JAX variant with each side's
-median step time, images/s and the JAX/PyTorch speed ratio. JAX variants (timed in turns with the twin): ``--dwconv_backward`` (the depthwise conv's backward
-forms) and ``--cpu_matmuls`` (the trainer's config.cpu_matmuls, train/xla_cpu.py: which library
-runs XLA:CPU's matrix products; "auto" is what the trainer does).
+median step time, images/s and the JAX/PyTorch speed ratio. JAX variants (timed in turns with
+the twin): ``--dwconv_backward`` (the depthwise conv's backward forms) and ``--cpu_matmuls`` (the
+trainer's config.cpu_matmuls, train/xla_cpu.py: which library runs XLA:CPU's matrix products;
+"auto" is what the trainer does).
 """
 
 import argparse
