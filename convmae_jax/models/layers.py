@@ -129,13 +129,17 @@ class LayerNorm(nnx.Module):
     return layer_norm(x, self.scale[...], self.bias[...], float(self.eps)).astype(self.dtype)
 
 
-def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
-  """``lax.dot_general`` contracting axis ``contract[0]`` of a with ``contract[1]`` of b, in the
-  operands' dtype. bfloat16 operands are multiplied into a float32 result that is then rounded:
-  the value XLA computes for a bfloat16 product anyway (it accumulates in float32), but asked this
-  way XLA:CPU gives the product to YNNPACK's bfloat16 kernels (AVX512-BF16 / AMX) instead of
-  converting both operands to float32 first (BENCHMARKS.md, "bfloat16 on CPU")."""
-  dims = (((contract[0],), (contract[1],)), ((), ()))
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int],
+         batched: bool = False) -> jax.Array:
+  """``lax.dot_general`` contracting axis ``contract[0]`` of a with ``contract[1]`` of b (with
+  ``batched``: all but the last two axes of both are batch axes), in the operands' dtype.
+
+  bfloat16 operands are multiplied into a float32 result that is then rounded: the value XLA
+  computes for a bfloat16 product anyway (it accumulates in float32), but asked this way XLA:CPU
+  gives the product to YNNPACK's bfloat16 kernels (AVX512-BF16 / AMX) instead of converting both
+  operands to float32 first (BENCHMARKS.md, "bfloat16 on CPU")."""
+  batch = tuple(range(a.ndim - 2)) if batched else ()
+  dims = (((contract[0],), (contract[1],)), (batch, batch))
   if a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16:
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
   return lax.dot_general(a, b, dims)
@@ -164,8 +168,8 @@ def _matmul_cpu_fwd(x, kernel):
 def _matmul_cpu_bwd(res, dy):
   x, kernel = res
   fan_in, fan_out = kernel.shape
-  dx = _dot(dy.astype(x.dtype), kernel.astype(x.dtype), (dy.ndim - 1, 1))
-  rows_x, rows_dy = x.reshape(-1, fan_in), dy.reshape(-1, fan_out).astype(x.dtype)
+  dx = _dot(dy, kernel, (dy.ndim - 1, 1))
+  rows_x, rows_dy = x.reshape(-1, fan_in), dy.reshape(-1, fan_out)
   # The narrower operand is transposed (one copy), so the product is a plain one whose output's
   # minor axis is the wider one.
   if fan_in <= fan_out:
@@ -195,17 +199,9 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return _matmul_cpu(x.astype(dtype), kernel.astype(dtype))
 
 
-def _bf16_batched(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
-  """bfloat16 a (..., ·, ·) times b (..., ·, ·), leading axes batched, axis ``contract[0]`` of a
-  against ``contract[1]`` of b, through a float32 result rounded to bfloat16 (see `_dot`)."""
-  batch = tuple(range(a.ndim - 2))
-  dims = (((contract[0],), (contract[1],)), (batch, batch))
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-
-
 @jax.custom_vjp
 def _batched_matmul_bf16(a: jax.Array, b: jax.Array) -> jax.Array:
-  return _bf16_batched(a, b, (a.ndim - 1, b.ndim - 2))
+  return _dot(a, b, (a.ndim - 1, b.ndim - 2), batched=True)
 
 
 def _batched_matmul_bf16_fwd(a, b):
@@ -214,9 +210,8 @@ def _batched_matmul_bf16_fwd(a, b):
 
 def _batched_matmul_bf16_bwd(res, g):
   a, b = res
-  g = g.astype(jnp.bfloat16)
-  da = _bf16_batched(g, b, (g.ndim - 1, b.ndim - 1))            # (..., m, n)·(..., k, n)ᵀ
-  db = _bf16_batched(_transposed_copy(a), g, (a.ndim - 1, g.ndim - 2))   # (..., m, k)ᵀ·(..., m, n)
+  da = _dot(g, b, (g.ndim - 1, b.ndim - 1), batched=True)        # (..., m, n)·(..., k, n)ᵀ
+  db = _dot(_transposed_copy(a), g, (a.ndim - 1, g.ndim - 2), batched=True)  # (.., m, k)ᵀ·(.., m, n)
   return da, db
 
 
@@ -241,7 +236,7 @@ def _add_bias_bf16(y: jax.Array, bias: jax.Array) -> jax.Array:
 
 
 def _add_bias_bf16_fwd(y, bias):
-  return y + bias, None
+  return _add_bias_bf16(y, bias), None
 
 
 def _add_bias_bf16_bwd(_, dy):
