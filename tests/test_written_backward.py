@@ -173,6 +173,54 @@ def test_matmul_kernel_gradient_is_a_plain_product_on_cpu(fan_in, fan_out):
   assert not _BOTH_TRANSPOSED.search(hlo(layers.matmul))
 
 
+def _transposed_tap_fusions(text: str) -> int:
+  """Fusions of a compiled program that transpose and also hold the depthwise conv's 25 taps."""
+  bodies = re.findall(r"\n%fused_computation[^\n]*\{\n(.*?)\n\}", text, flags=re.S)
+  return sum(1 for body in bodies if " transpose(" in body and body.count(" slice(") >= 25)
+
+
+def _kernel_grad_from_x(x, kernel):
+  """`matmul` with the kernel gradient through a transposed copy of x (the rule before square
+  kernels transposed dy)."""
+  @jax.custom_vjp
+  def product(x, kernel):
+    return layers._dot(x, kernel, (x.ndim - 1, 0))
+
+  def bwd(res, dy):
+    x, kernel = res
+    rows_x, rows_dy = x.reshape(-1, kernel.shape[0]), dy.reshape(-1, kernel.shape[1])
+    return (layers._dot(dy, kernel, (dy.ndim - 1, 1)),
+            layers._dot(layers._transposed_copy(rows_x), rows_dy, (1, 0)))
+
+  product.defvjp(lambda x, kernel: (product(x, kernel), (x, kernel)), bwd)
+  return product(x, kernel)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the written product is XLA:CPU's")
+def test_square_kernel_gradient_does_not_recompute_the_depthwise_conv_transposed():
+  # A conv block's conv2 (square) reads the depthwise conv: had its kernel gradient transposed x,
+  # XLA would recompute the conv's 25 taps inside that transposing copy.
+  k = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(k[0], (2, 16, 16, 32))
+  taps = 0.2 * jax.random.normal(k[1], (5, 5, 1, 32))
+  w = jax.random.normal(k[2], (32, 32)) / 6
+  dy = jax.random.normal(k[3], x.shape)
+
+  def grads(product):
+    def f(x, taps, w):
+      return jnp.sum(product(models.dwconv.depthwise_conv_shift(x, taps) + 0.5, w) * dy)
+    fn = jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+    return fn(x, taps, w), fn.lower(x, taps, w).compile().as_text()
+
+  ours, text = grads(layers.matmul)
+  before, text_before = grads(_kernel_grad_from_x)
+  assert _transposed_tap_fusions(text) == 0
+  assert _transposed_tap_fusions(text_before) == 1
+  for a, b in zip(ours, before):
+    size = float(jnp.max(jnp.abs(b)))
+    assert float(jnp.max(jnp.abs(a - b))) / size < 1e-6
+
+
 def test_matmul_bfloat16_dtypes_and_module_use():
   x, kernel, dy = _dense_inputs((6, 5), 12, 20, seed=4, dtype=jnp.bfloat16)
   y, dx, dk = _product_vjp(layers.matmul, x, kernel, dy)

@@ -171,8 +171,11 @@ def _matmul_cpu_bwd(res, dy):
   dx = _dot(dy, kernel, (dy.ndim - 1, 1))
   rows_x, rows_dy = x.reshape(-1, fan_in), dy.reshape(-1, fan_out)
   # The narrower operand is transposed (one copy), so the product is a plain one whose output's
-  # minor axis is the wider one.
-  if fan_in <= fan_out:
+  # minor axis is the wider one. A square kernel's is dy: XLA folds x's producer into the
+  # transposing copy and recomputes it there, reading it transposed, and x is often the costly one
+  # (a conv block's conv2 reads the depthwise conv's 25 taps: 130 ms of transposed recomputation
+  # per stage-1 block in the fine-tuning step, BENCHMARKS.md "Square kernels").
+  if fan_in < fan_out:
     dk = _dot(_transposed_copy(rows_x), rows_dy, (1, 0))
   else:
     dk = lax.optimization_barrier(_dot(_transposed_copy(rows_dy), rows_x, (1, 0))).T
