@@ -252,6 +252,48 @@ def test_depthwise_impls_agree():
       assert float(jnp.max(jnp.abs(got - want))) <= tol * float(jnp.max(jnp.abs(want))), name
 
 
+def _bf16_ulps(got, exact):
+  """Largest |got - exact| in units of the bfloat16 spacing at |exact| (2^-7 relative)."""
+  exact = np.asarray(exact, np.float64)
+  spacing = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(exact), 1e-30))) - 7)
+  return float(np.max(np.abs(np.asarray(got, np.float64) - exact) / spacing))
+
+
+def test_bfloat16_gelu_and_depthwise_conv_are_float32_rounded_once():
+  """bfloat16 GELU and shift conv: computed in float32 and rounded once (bit-equal to that), so
+  within one bfloat16 rounding of float64, where rounding every operation (XLA's bfloat16
+  arithmetic, the form before) is off by more; gradients stay bfloat16 and near float64."""
+  x = jax.random.normal(jax.random.key(0), (2, 12, 9, 16)).astype(jnp.bfloat16)
+  k = (0.3 * jax.random.normal(jax.random.key(1), (5, 5, 1, 16))).astype(jnp.bfloat16)
+  g = jax.random.normal(jax.random.key(2), x.shape).astype(jnp.bfloat16)
+  x32, k32 = x.astype(jnp.float32), k.astype(jnp.float32)
+
+  y = layers.gelu(x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(layers.gelu(x32).astype(jnp.bfloat16)))
+  x64 = np.asarray(x32, np.float64)
+  erf = np.vectorize(math.erf)
+  gelu64 = 0.5 * x64 * (1 + erf(x64 / math.sqrt(2)))
+  per_op = 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1 / math.sqrt(2), jnp.bfloat16)))
+  assert _bf16_ulps(y, gelu64) <= 0.5 + 1e-6
+  assert _bf16_ulps(per_op, gelu64) > 1.0
+  dx = jax.grad(lambda v: jnp.sum(layers.gelu(v).astype(jnp.float32) * g))(x)
+  dgelu64 = 0.5 * (1 + erf(x64 / math.sqrt(2))) + x64 * np.exp(-x64 ** 2 / 2) / math.sqrt(2 * math.pi)
+  assert dx.dtype == jnp.bfloat16
+  assert _bf16_ulps(dx, dgelu64 * np.asarray(g, np.float64)) <= 1.0
+
+  y = dwconv.depthwise_conv_shift(x, k)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(
+      np.asarray(y), np.asarray(dwconv.depthwise_conv_shift(x32, k32).astype(jnp.bfloat16)))
+  xp64, k64 = np.pad(x64, ((0, 0), (2, 2), (2, 2), (0, 0))), np.asarray(k32, np.float64)
+  conv64 = sum(xp64[:, i:i + 12, j:j + 9] * k64[i, j, 0] for i in range(5) for j in range(5))
+  assert _bf16_ulps(y, conv64) <= 0.5 + 1e-3              # float32's own rounding, then one bf16
+  dx_conv = jax.vjp(dwconv.depthwise_conv_shift, x, k)[1](g)[0]
+  np.testing.assert_array_equal(np.asarray(dx_conv), np.asarray(
+      dwconv.depthwise_conv_shift(g.astype(jnp.float32), k32[::-1, ::-1]).astype(jnp.bfloat16)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss, patchify, position embedding.
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,14 @@ def fusion_break(a: jax.Array) -> jax.Array:
 
 
 def _valid_taps(xp: jax.Array, kernel: jax.Array) -> jax.Array:
-  """'VALID' depthwise conv of (M, H+K-1, W+K-1, C) as K² shifted multiply-adds → (M, H, W, C)."""
+  """'VALID' depthwise conv of (M, H+K-1, W+K-1, C) as K² shifted multiply-adds → (M, H, W, C).
+
+  bfloat16 operands are multiplied and summed in float32 and the sum rounded once (as oneDNN's
+  bfloat16 depthwise conv accumulates); XLA:CPU would round each of the K² products and partial
+  sums, 3x slower than the float32 conv (BENCHMARKS.md, "bfloat16 element-wise work in float32").
+  """
+  if xp.dtype == jnp.bfloat16:
+    return _valid_taps(xp.astype(jnp.float32), kernel.astype(jnp.float32)).astype(xp.dtype)
   k = kernel.shape[0]
   h, w = xp.shape[1] - k + 1, xp.shape[2] - k + 1
   out = None
