@@ -16,7 +16,11 @@ while the step got slower), so compare such runs by step time, not by the matmul
 
 Prints JSON lines: one per (side, category) with ``ms_per_step`` and ``share``, then the ``--top``
 operations of each side (``op``, ``category``, ``ms_per_step``, ``count_per_step``; for JAX the
-fused ops and the output shape). Categories: matmul, convolution, depthwise_conv, reduction,
+fused ops and the output shape). Thread time overstates what an operation costs the step when
+another ran beside it, so the JAX lines also give ``alone_ms_per_step``: the time during which no
+other operation ran (summed, it is the part of the step that ran one operation at a time), and the
+total line ``ms_per_step_with_n_running`` (how long 0, 1, 2 ... operations ran at once);
+``--sort alone`` lists the operations by it. Categories: matmul, convolution, depthwise_conv, reduction,
 transcendental (exp, log, erf, tanh: softmax, GELU), elementwise, copy_transpose, gather_scatter,
 optimizer (PyTorch's fused optimizer kernels; JAX's optimizer is elementwise fusions), other.
 """
@@ -155,7 +159,8 @@ def jax_profile(args, images, target, dump_dir):
   space = xplane_pb2.XSpace()
   with open(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[-1], "rb") as f:
     space.ParseFromString(f.read())
-  per_op = collections.defaultdict(lambda: [0.0, 0])
+  per_op = collections.defaultdict(lambda: [0.0, 0, 0.0])
+  intervals = []
   for plane in space.planes:
     if plane.name != "/host:CPU":
       continue
@@ -165,16 +170,47 @@ def jax_profile(args, images, target, dump_dir):
       for ev in line.events:
         name = plane.event_metadata[ev.metadata_id].name
         if name in index:
-          per_op[name][0] += ev.duration_ps / 1e9    # ms
-          per_op[name][1] += 1
+          start = line.timestamp_ns * 1000 + ev.offset_ps
+          intervals.append((start, start + ev.duration_ps, name))
+  alone, concurrency = alone_times([(a, b) for a, b, _ in intervals])
+  for (start, end, name), solo in zip(intervals, alone):
+    per_op[name][0] += (end - start) / 1e9    # ms
+    per_op[name][1] += 1
+    per_op[name][2] += solo / 1e9
   rows = []
-  for name, (ms, count) in per_op.items():
+  for name, (ms, count, solo) in per_op.items():
     category, inner, shape = index[name]
     fused = sorted(set(inner) - {"fusion", "parameter", "constant", "tuple", "get-tuple-element"})
     rows.append({"op": name, "category": category, "ms_per_step": ms / args.steps,
+                 "alone_ms_per_step": solo / args.steps,
                  "count_per_step": count / args.steps, "shape": shape[:60],
                  "fused": ",".join(fused)[:120]})
-  return rows
+  running = {n: round(ps / 1e9 / args.steps, 2) for n, ps in sorted(concurrency.items())}
+  return rows, running
+
+
+def alone_times(intervals):
+  """For (start, end) intervals (operations on any thread): the time each spent with no other
+  interval open, and {number of open intervals: total time} over the span they cover. An
+  operation that ran alone held up the step (no other operation could overlap it); time with
+  two open ran two operations side by side."""
+  edges = sorted([(s, 1, i) for i, (s, _) in enumerate(intervals)] +
+                 [(e, -1, i) for i, (_, e) in enumerate(intervals)], key=lambda t: (t[0], t[1]))
+  alone = [0] * len(intervals)
+  concurrency = collections.Counter()
+  open_ = set()
+  last = None
+  for t, kind, i in edges:
+    if last is not None and t > last:
+      concurrency[len(open_)] += t - last
+      if len(open_) == 1:
+        alone[next(iter(open_))] += t - last
+    if kind == 1:
+      open_.add(i)
+    else:
+      open_.discard(i)
+    last = t
+  return alone, dict(concurrency)
 
 
 _TORCH_CATEGORIES = (
@@ -225,19 +261,28 @@ def torch_profile(args, images, target):
   return rows
 
 
-def summarise(side: str, rows: list[dict], args, meta: dict):
+def summarise(side: str, rows: list[dict], args, meta: dict, running: dict | None = None):
   total = sum(r["ms_per_step"] for r in rows)
   by_cat = collections.defaultdict(float)
+  alone = collections.defaultdict(float)
   for r in rows:
     by_cat[r["category"]] += r["ms_per_step"]
+    alone[r["category"]] += r.get("alone_ms_per_step", 0.0)
+  solo = {}
   for category in CATEGORIES:
     if category in by_cat:
+      if running is not None:
+        solo = {"alone_ms_per_step": round(alone[category], 2)}
       print(json.dumps({**meta, "side": side, "category": category,
                         "ms_per_step": round(by_cat[category], 2),
-                        "share": round(by_cat[category] / total, 4)}), flush=True)
+                        "share": round(by_cat[category] / total, 4), **solo}), flush=True)
+  if running is not None:
+    solo = {"alone_ms_per_step": round(sum(alone.values()), 2),
+            "ms_per_step_with_n_running": running}
   print(json.dumps({**meta, "side": side, "category": "total", "ms_per_step": round(total, 2),
-                    "share": 1.0}), flush=True)
-  for r in sorted(rows, key=lambda r: -r["ms_per_step"])[:args.top]:
+                    "share": 1.0, **solo}), flush=True)
+  key = "alone_ms_per_step" if getattr(args, "sort", "time") == "alone" else "ms_per_step"
+  for r in sorted(rows, key=lambda r: -r.get(key, 0.0))[:args.top]:
     print(json.dumps({**meta, "side": side, **{k: (round(v, 3) if isinstance(v, float) else v)
                                                for k, v in r.items()}}), flush=True)
 
@@ -255,6 +300,9 @@ def main(argv=None):
   ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
   ap.add_argument("--top", type=int, default=20, help="operations listed per side")
   ap.add_argument("--torch", default="on", choices=("on", "off"))
+  ap.add_argument("--sort", default="time", choices=("time", "alone"),
+                  help="order of the JAX operations listed: by their time, or by the time they "
+                       "ran with no other operation beside them (what held the step up)")
   hostinfo.add_host_malloc_flag(ap)
   args = ap.parse_args(argv)
   host_malloc_reuse = hostinfo.apply_host_malloc(args)     # before JAX starts its backend
@@ -269,7 +317,8 @@ def main(argv=None):
   target = rng.dirichlet(np.ones(1000), size=args.batch).astype(np.float32)
   meta = {"job": args.job, "model": args.model, "img_size": args.img_size, "batch": args.batch,
           "cpu": hostinfo.cpu_name(), "host_malloc_reuse": host_malloc_reuse}
-  summarise("jax", jax_profile(args, images, target, dump_dir), args, meta)
+  rows, running = jax_profile(args, images, target, dump_dir)
+  summarise("jax", rows, args, meta, running)
   if args.torch == "on":
     summarise("torch", torch_profile(args, images, target), args, meta)
 

@@ -130,6 +130,17 @@ def test_op_profile_sorts_compiled_operations_into_categories():
   assert {n: op_profile.torch_category(n) for n in names} == names
 
 
+def test_op_profile_alone_times():
+  """Each operation's time with no other one running, and how long 0, 1, 2 ... ran at once."""
+  from benchmarks import op_profile
+  # a: 0-10 alone 0-4 and 8-10; b: 4-8 beside a; c: 12-15 alone after a gap; d: 15-16 (touches c).
+  intervals = [(0, 10), (4, 8), (12, 15), (15, 16)]
+  alone, running = op_profile.alone_times(intervals)
+  assert alone == [6, 0, 3, 1]
+  assert running == {1: 10, 2: 4, 0: 2}
+  assert op_profile.alone_times([]) == ([], {})
+
+
 def test_dwconv_backward_lines(tmp_path):
   rows = run_json_lines(["benchmarks/dwconv_backward.py", "--shapes", "2x12x10x8", "--rounds", "1"],
                         tmp_path)
@@ -167,6 +178,31 @@ def test_cpu_matmuls_lines(tmp_path):
     # the ratio is printed to 3 decimals (abs error up to 5e-4), the times to 4
     assert r["eigen_speed"] == pytest.approx(r["ynnpack_ms"] / r["eigen_ms"], rel=0.01, abs=6e-4)
     assert r["max_rel_diff"] < 1e-5          # the same products up to summation order
+
+
+def test_batched_products_lines(tmp_path):
+  rows = run_json_lines(["benchmarks/batched_products.py", "--model", "convvit_tiny", "--img_size",
+                         "32", "--batch", "2", "--repeats", "2"], tmp_path)
+  from convmae_jax import models
+  cfg = models.config_for("convvit_tiny", img_size=32)
+  heads, hd = cfg.num_heads, cfg.embed_dims[2] // cfg.num_heads
+  assert [r["product"] for r in rows] == ["attention q·kᵀ", "attention p·v",
+                                          "stage1 depthwise kernel gradient",
+                                          "stage2 depthwise kernel gradient"]
+  # 32 px: a 2×2 token grid (4 tokens), stage maps 8×8 and 4×4.
+  assert [r["shape"] for r in rows] == [
+      [2 * heads, 4, hd, 4], [2 * heads, 4, 4, hd],
+      [cfg.embed_dims[0], 12, 16, 8], [cfg.embed_dims[1], 8, 8, 4]]
+  for r in rows:
+    b, m, k, n = r["shape"]
+    assert r["gflop"] == pytest.approx(2 * b * m * k * n / 1e9, rel=1e-6)
+    for side in ("jax", "jax_2d_same_work", "torch_bmm"):
+      assert r[f"{side}_ms"] > 0 and r[f"{side}_cpu_per_wall"] >= 0
+      # times printed to 4 decimals of a ms, rates to 3 decimals of a GFLOP/s
+      assert r[f"{side}_gflops"] == pytest.approx(r["gflop"] / r[f"{side}_ms"] * 1e3, rel=0.02,
+                                                   abs=6e-4)
+    assert r["jax_vs_torch_speed"] == pytest.approx(r["torch_bmm_ms"] / r["jax_ms"], rel=0.01,
+                                                    abs=6e-4)
 
 
 def test_classifier_step_lines(tmp_path):
