@@ -5,11 +5,11 @@ beside PyTorch's ``bmm``, with how many cores each kept busy.
 
 The batched products of a fine-tuning step: attention's q·kᵀ and p·v (batch × heads products of
 the stage-3 tokens; their gradients have the same shapes) and, per conv stage, one of the
-depthwise conv's kernel-gradient products (`dwconv._kernel_grad`: channels × ((W+4) × (H·N)) ·
-((H·N) × W), five per conv block). Each is timed as JAX computes it (``lax.dot_general`` with batch
-axes: XLA:CPU hands it to YNNPACK), as one 2-D product of the same multiply-adds (the batch folded
-into the rows: not the same function, only the rate both cores give to this much work), and as
-``torch.bmm``. Besides the median ms and GFLOP/s, each side's process CPU time over wall time says
+depthwise conv's kernel-gradient products (`dwconv._kernel_grad`: channels ×
+((W+4) × (H·N)) · ((H·N) × W), five per conv block). Each is timed as JAX computes it
+(``lax.dot_general`` with batch axes: XLA:CPU hands it to YNNPACK), as one 2-D product of the
+same multiply-adds (the batch folded into the rows: not the same function, only the rate both
+cores give to this much work), and as ``torch.bmm``. Besides the median ms and GFLOP/s, each side's process CPU time over wall time says
 how many cores it used (2.0 = both of a 2-core machine). Prints one JSON line per product.
 """
 

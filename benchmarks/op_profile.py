@@ -20,9 +20,10 @@ fused ops and the output shape). Thread time overstates what an operation costs 
 another ran beside it, so the JAX lines also give ``alone_ms_per_step``: the time during which no
 other operation ran (summed, it is the part of the step that ran one operation at a time), and the
 total line ``ms_per_step_with_n_running`` (how long 0, 1, 2 ... operations ran at once);
-``--sort alone`` lists the operations by it. Categories: matmul, convolution, depthwise_conv, reduction,
-transcendental (exp, log, erf, tanh: softmax, GELU), elementwise, copy_transpose, gather_scatter,
-optimizer (PyTorch's fused optimizer kernels; JAX's optimizer is elementwise fusions), other.
+``--sort alone`` lists the operations by it. Categories: matmul, convolution, depthwise_conv,
+reduction, transcendental (exp, log, erf, tanh: softmax, GELU), elementwise, copy_transpose,
+gather_scatter, optimizer (PyTorch's fused optimizer kernels; JAX's optimizer is elementwise
+fusions), other.
 """
 
 from __future__ import annotations

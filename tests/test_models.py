@@ -278,7 +278,8 @@ def test_bfloat16_gelu_and_depthwise_conv_are_float32_rounded_once():
   assert _bf16_ulps(y, gelu64) <= 0.5 + 1e-6
   assert _bf16_ulps(per_op, gelu64) > 1.0
   dx = jax.grad(lambda v: jnp.sum(layers.gelu(v).astype(jnp.float32) * g))(x)
-  dgelu64 = 0.5 * (1 + erf(x64 / math.sqrt(2))) + x64 * np.exp(-x64 ** 2 / 2) / math.sqrt(2 * math.pi)
+  dgelu64 = (0.5 * (1 + erf(x64 / math.sqrt(2)))
+             + x64 * np.exp(-x64 ** 2 / 2) / math.sqrt(2 * math.pi))
   assert dx.dtype == jnp.bfloat16
   assert _bf16_ulps(dx, dgelu64 * np.asarray(g, np.float64)) <= 1.0
 

@@ -23,7 +23,8 @@ def _valid_taps(xp: jax.Array, kernel: jax.Array) -> jax.Array:
 
   bfloat16 operands are multiplied and summed in float32 and the sum rounded once (as oneDNN's
   bfloat16 depthwise conv accumulates); XLA:CPU would round each of the K² products and partial
-  sums, 3x slower than the float32 conv (BENCHMARKS.md, "bfloat16 element-wise work in float32").
+  sums, 3x slower than the float32 conv (BENCHMARKS.md, "bfloat16 GELU and depthwise-conv taps
+  in float32").
   """
   if xp.dtype == jnp.bfloat16:
     return _valid_taps(xp.astype(jnp.float32), kernel.astype(jnp.float32)).astype(xp.dtype)

@@ -34,7 +34,8 @@ def gelu(x: jax.Array) -> jax.Array:
 
   A bfloat16 x is computed in float32 and rounded once, as PyTorch's bfloat16 GELU is: XLA:CPU
   would round after every operation, which made the bfloat16 GELU backward 4.5x slower than the
-  float32 one in the fine-tuning step (BENCHMARKS.md, "bfloat16 element-wise work in float32").
+  float32 one in the fine-tuning step (BENCHMARKS.md, "bfloat16 GELU and depthwise-conv taps in
+  float32").
   """
   if x.dtype == jnp.bfloat16:
     return gelu(x.astype(jnp.float32)).astype(x.dtype)
@@ -180,8 +181,8 @@ def _matmul_cpu_bwd(res, dy):
   # The narrower operand is transposed (one copy), so the product is a plain one whose output's
   # minor axis is the wider one. A square kernel's is dy: XLA folds x's producer into the
   # transposing copy and recomputes it there, reading it transposed, and x is often the costly one
-  # (a conv block's conv2 reads the depthwise conv's 25 taps: 130 ms of transposed recomputation
-  # per stage-1 block in the fine-tuning step, BENCHMARKS.md "Square kernels").
+  # (a conv block's conv2 reads the depthwise conv's 25 taps: 120-140 ms of thread time per
+  # stage-1 block in the fine-tuning step, BENCHMARKS.md "Square kernels' gradients").
   if fan_in < fan_out:
     dk = _dot(_transposed_copy(rows_x), rows_dy, (1, 0))
   else:
