@@ -173,17 +173,22 @@ def _matmul_cpu_fwd(x, kernel):
   return _matmul_cpu(x, kernel), (x, kernel)
 
 
+def _kernel_grad_transposes_x(fan_in: int, fan_out: int) -> bool:
+  """Which operand the kernel gradient's transposed copy is made of: the narrower one (one copy,
+  and the product's output keeps the wider axis minor). A square kernel's is dy: XLA folds x's
+  producer into the transposing copy and recomputes it there, reading it transposed, and x is
+  often the costly one (a conv block's conv2 reads the depthwise conv's 25 taps: 120-140 ms of
+  thread time per stage-1 block in the fine-tuning step, BENCHMARKS.md "Square kernels'
+  gradients")."""
+  return fan_in < fan_out
+
+
 def _matmul_cpu_bwd(res, dy):
   x, kernel = res
   fan_in, fan_out = kernel.shape
   dx = _dot(dy, kernel, (dy.ndim - 1, 1))
   rows_x, rows_dy = x.reshape(-1, fan_in), dy.reshape(-1, fan_out)
-  # The narrower operand is transposed (one copy), so the product is a plain one whose output's
-  # minor axis is the wider one. A square kernel's is dy: XLA folds x's producer into the
-  # transposing copy and recomputes it there, reading it transposed, and x is often the costly one
-  # (a conv block's conv2 reads the depthwise conv's 25 taps: 120-140 ms of thread time per
-  # stage-1 block in the fine-tuning step, BENCHMARKS.md "Square kernels' gradients").
-  if fan_in < fan_out:
+  if _kernel_grad_transposes_x(fan_in, fan_out):
     dk = _dot(_transposed_copy(rows_x), rows_dy, (1, 0))
   else:
     dk = lax.optimization_barrier(_dot(_transposed_copy(rows_dy), rows_x, (1, 0))).T
