@@ -9,7 +9,8 @@ LARS. Evaluation step (``--jobs eval``): the model's forward pass in eval mode (
 ``no_grad``). ``--dtype bfloat16``: JAX computes in bfloat16 (float32 parameters) and the twin's
 forward runs under ``torch.autocast("cpu", dtype=torch.bfloat16)``. The sides alternate A B A B
 and the medians are compared. Prints one JSON line per job and JAX variant with each side's
-median step time, images/s and the JAX/PyTorch speed ratio. JAX variants (timed in turns with
+median step time, images/s, the JAX/PyTorch speed ratio and how many cores each side kept busy
+(process CPU time over wall time in its timed steps: 2.0 is both cores of a 2-core machine). JAX variants (timed in turns with
 the twin): ``--dwconv_backward`` (the depthwise conv's backward forms) and ``--cpu_matmuls`` (the
 trainer's config.cpu_matmuls, train/xla_cpu.py: which library runs XLA:CPU's matrix products;
 "auto" is what the trainer does).
@@ -216,20 +217,23 @@ def main():
     timg = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     ttarget = torch.from_numpy(target)
     times = {v: [] for v in variants}
-    tt = []
+    cpu = {v: 0.0 for v in variants}
+    tt, tcpu = [], 0.0
     for i in range(args.warmup + args.steps):     # every side once per round, in turns
       for v in variants:
         step, (params, opt, rest) = sides[v]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         params, opt, rest, m = step(params, opt, rest, batch, np.int32(i + 1))
         jax.block_until_ready(m)
         sides[v][1] = (params, opt, rest)
         if i >= args.warmup:
           times[v].append(time.perf_counter() - t0)
-      t0 = time.perf_counter()
+          cpu[v] += time.process_time() - c0
+      t0, c0 = time.perf_counter(), time.process_time()
       tstep(timg, ttarget)
       if i >= args.warmup:
         tt.append(time.perf_counter() - t0)
+        tcpu += time.process_time() - c0
     t_med = statistics.median(tt)
     for v in variants:
       j_med = statistics.median(times[v])
@@ -249,7 +253,9 @@ def main():
           "jax_step_s": round(j_med, 6), "torch_step_s": round(t_med, 6),
           "jax_images_per_s": round(args.batch / j_med, 2),
           "torch_images_per_s": round(args.batch / t_med, 2),
-          "jax_vs_torch_speed": round(t_med / j_med, 2), "jax_compile_s": round(compile_s[v], 1)}),
+          "jax_vs_torch_speed": round(t_med / j_med, 2),
+          "jax_cpu_per_wall": round(cpu[v] / sum(times[v]), 2),
+          "torch_cpu_per_wall": round(tcpu / sum(tt), 2), "cores": os.cpu_count(), "jax_compile_s": round(compile_s[v], 1)}),
           flush=True)
 
 

@@ -216,6 +216,11 @@ def test_classifier_step_lines(tmp_path):
     assert r["jax_step_s"] > 0 and r["torch_step_s"] > 0
     # the ratio is printed to 2 decimals, the times to 6
     assert r["jax_vs_torch_speed"] == pytest.approx(r["torch_step_s"] / r["jax_step_s"], rel=0.001, abs=0.0051)
+    # cores kept busy: process CPU time over wall time, at most every core (plus rounding and
+    # the odd system thread)
+    assert r["cores"] == os.cpu_count()
+    for side in ("jax", "torch"):
+      assert 0 < r[f"{side}_cpu_per_wall"] <= r["cores"] + 0.25
 
 
 def test_classifier_step_bfloat16_lines(tmp_path):
