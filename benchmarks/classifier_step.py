@@ -140,6 +140,25 @@ def torch_step(job, args):
   return step
 
 
+def _kernel_grad_rows(xp, g, kernel):
+  """The depthwise kernel gradient as `models.dwconv._kernel_grad` computed it before its products
+  kept the contracted axis minor: per kernel row, the transposed input's rows against the output
+  gradient's (a product XLA:CPU gives to Eigen, on one thread), then the diagonals."""
+  k = kernel.shape[0]
+  m, h, w, c = g.shape
+  wp = w + k - 1
+  xt = models.dwconv.fusion_break(jnp.transpose(xp, (3, 1, 0, 2)))     # (C, H+k-1, M, W+k-1)
+  gt = jnp.transpose(g, (3, 1, 0, 2)).reshape(c, h * m, w)              # (C, H·M, W)
+  rows = []
+  for i in range(k):
+    xi = xt[:, i:i + h].reshape(c, h * m, wp)
+    p = jax.lax.dot_general(xi, gt, (((1,), (1,)), ((0,), (0,))),
+                            precision=jax.lax.Precision.HIGHEST,
+                            preferred_element_type=jnp.float32)          # (C, W+k-1, W)
+    rows.append(models.dwconv._diagonal_sums(p, k))
+  return jnp.stack(rows)[:, :, None, :].astype(kernel.dtype)
+
+
 def _variant_step(job, args, dwconv_backward: str, cpu_matmuls: str, batch):
   """jax_step with the depthwise conv's backward pass written out (the model's: "written"), written
   out with the kernel gradient as K² shifted products ("taps", the form before the batched
@@ -153,6 +172,8 @@ def _variant_step(job, args, dwconv_backward: str, cpu_matmuls: str, batch):
     models.dwconv.depthwise_conv_shift = models.dwconv._shift_taps
   if dwconv_backward == "taps":
     models.dwconv._kernel_grad = models.dwconv._kernel_grad_taps
+  if dwconv_backward == "rows":
+    models.dwconv._kernel_grad = _kernel_grad_rows
   try:
     make = eval_step if job == "eval" else functools.partial(jax_step, job)
     step, params, opt, rest = make(args, cpu_matmuls)
@@ -179,9 +200,10 @@ def main():
   ap.add_argument("--dwconv_impl", default="auto", choices=("auto", "shift", "lax"),
                   help="the JAX model's depthwise conv (auto: shift on CPU)")
   ap.add_argument("--dwconv_backward", default="written",
-                  help="comma list of written (the model's), taps (written, with the kernel "
-                       "gradient as K² shifted products), autodiff (autodiff of the shift conv's "
-                       "taps): the JAX variants, timed in turns with the twin")
+                  help="comma list of written (the model's), rows (written, with the kernel "
+                       "gradient's products contracting the rows, its form before), taps (written, "
+                       "with the kernel gradient as K² shifted products), autodiff (autodiff of "
+                       "the shift conv's taps): the JAX variants, timed in turns with the twin")
   ap.add_argument("--cpu_matmuls", default="auto",
                   help="comma list of auto, ynnpack, eigen (the trainer's config.cpu_matmuls: the "
                        "library of XLA:CPU's matrix products): more JAX variants, timed in turns")
@@ -191,9 +213,10 @@ def main():
   args = ap.parse_args()
   host_malloc_reuse = hostinfo.apply_host_malloc(args)     # before JAX starts its backend
   backward_forms = args.dwconv_backward.split(",")
-  if not backward_forms or any(v not in ("written", "taps", "autodiff") for v in backward_forms):
+  if not backward_forms or any(v not in ("written", "rows", "taps", "autodiff")
+                               for v in backward_forms):
     ap.error(f"--dwconv_backward {args.dwconv_backward!r} is not valid: expected a comma list of "
-             "written, taps, autodiff")
+             "written, rows, taps, autodiff")
   libraries = args.cpu_matmuls.split(",")
   if any(v not in xla_cpu.CPU_MATMULS for v in libraries):
     ap.error(f"--cpu_matmuls {args.cpu_matmuls!r} is not valid: expected a comma list of "

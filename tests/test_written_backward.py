@@ -7,6 +7,9 @@
   both operands transposed is left in the compiled program); values as XLA's derivative.
 * bfloat16 products on XLA:CPU (`matmul`, `batched_matmul`): no operand is widened to float32 in
   the compiled program (so YNNPACK's bfloat16 kernels run them); values as XLA's.
+* the depthwise conv's kernel gradient on XLA:CPU: each batched product is a YNNPACK fusion that
+  also reduces its rows (`dwconv.rows_parallel`, the identity bit for bit), the form YNNPACK runs
+  on every core.
 """
 
 import re
@@ -204,6 +207,47 @@ def test_square_kernel_gradient_does_not_recompute_the_depthwise_conv_transposed
   for a, b in zip(ours, before):
     size = float(jnp.max(jnp.abs(b)))
     assert float(jnp.max(jnp.abs(a - b))) / size < 1e-6
+
+
+def test_rows_parallel_is_the_identity():
+  y = jax.random.normal(jax.random.key(0), (3, 5, 7)) * 1e3
+  y = y.at[0, 0, 2].set(-jnp.inf).at[0, 1, 3].set(jnp.inf).at[1, 2].set(-0.0)
+  np.testing.assert_array_equal(np.asarray(models.dwconv.rows_parallel(y)), np.asarray(y))
+  # A NaN takes its whole row (and only its row) with it.
+  out = np.asarray(models.dwconv.rows_parallel(y.at[2, 4, 1].set(jnp.nan)))
+  assert np.isnan(out[2, 4]).all() and not np.isnan(np.delete(out.reshape(-1, 7), 14, 0)).any()
+
+
+def _batched_products(text: str) -> tuple[int, int]:
+  """(batched products inside a YNNPACK fusion that also has a reduce, batched products anywhere
+  else) in a compiled XLA:CPU program."""
+  comps = dict(re.findall(r"\n%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", text, flags=re.S))
+  in_ynn = elsewhere = 0
+  for name, body in comps.items():
+    products = len(re.findall(r" dot\([^\n]*lhs_batch_dims", body))
+    if not products:
+      continue
+    callers = re.findall(r"\n[^\n]*calls=%" + re.escape(name) + r"[,\s][^\n]*", text)
+    if body.count(" reduce(") and callers and all("__ynn_fusion" in c for c in callers):
+      in_ynn += products
+    else:
+      elsewhere += products
+  return in_ynn, elsewhere
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the form is XLA:CPU's")
+def test_depthwise_kernel_gradient_products_reduce_their_rows_in_ynnpack():
+  # Rows of 16 output columns and more: at (2, 12, 9, 16) XLA leaves the row reduction outside
+  # the YNNPACK fusion.
+  x = jax.random.normal(jax.random.key(0), (2, 16, 20, 32))
+  taps = jax.random.normal(jax.random.key(1), (5, 5, 1, 32))
+  dy = jax.random.normal(jax.random.key(2), x.shape)
+  # x and dy are arguments, not constants: XLA would fold the whole gradient at compile time.
+  fn = jax.jit(jax.grad(lambda k, x, dy: jnp.sum(models.dwconv.depthwise_conv_shift(x, k) * dy)))
+  text = fn.lower(taps, x, dy).compile().as_text()
+  assert _batched_products(text) == (5, 0)                  # one per kernel row, none elsewhere
+  want = jax.grad(lambda k: jnp.sum(models.dwconv._shift_taps(x, k) * dy))(taps)
+  assert float(jnp.max(jnp.abs(fn(taps, x, dy) - want))) <= 1e-5 * float(jnp.max(jnp.abs(want)))
 
 
 def test_matmul_bfloat16_dtypes_and_module_use():

@@ -65,33 +65,48 @@ def _diagonal_sums(p: jax.Array, k: int) -> jax.Array:
                                       (1, w + 1)), axis=1) for j in range(k)])
 
 
+def rows_parallel(y: jax.Array) -> jax.Array:
+  """The identity, written as max(y, the minimum of y's last axis): every entry is at least its
+  row's minimum, so the values are y's exactly (a row holding a NaN becomes all NaN).
+
+  Applied to a batched product on XLA:CPU, it makes YNNPACK run the product on every core: a
+  batched product alone runs there on one thread, while a product fused with a reduction over its
+  rows is split over the batch and runs on all of them (BENCHMARKS.md, "Batched products on every
+  core")."""
+  return jnp.maximum(y, jnp.min(y, axis=-1, keepdims=True))
+
+
 def _kernel_grad(xp: jax.Array, g: jax.Array, kernel: jax.Array) -> jax.Array:
   """The same kernel gradient as `_kernel_grad_taps`, as K batched matmuls over channels.
 
-  Per kernel row i and channel c, P = X_iᵀ·G contracts the (H, M) rows of the padded input
-  (rows i..i+H) with those of the output gradient, giving every (input column, output column)
+  Per kernel row i and channel c, P = X_i·Gᵀ contracts the (H, M) positions of the padded input's
+  rows i..i+H with those of the output gradient, giving every (input column, output column)
   product sum; tap (i, j) is the sum of P's j-th diagonal. The taps form has XLA:CPU write out
   each of the K² shifted slices of the padded input before its reduction (and, in a training
   step, share them with the forward pass's identical slices); this form writes the input once,
   transposed, and K row slices of it (BENCHMARKS.md: the conv's forward + backward 1.10x at
-  ConvViT-B's stage 1, equal at stage 2; the fine-tuning step 1.02x).
+  ConvViT-B's stage 1, equal at stage 2; the fine-tuning step 1.02x). Both operands keep the
+  contracted (H, M) axis minor, the form YNNPACK takes, and on XLA:CPU each product goes through
+  `rows_parallel` so that it runs on every core (stage 1 of ConvViT-B at batch 8: 1.69x the
+  product with the rows contracted, which XLA gave to Eigen on one thread).
   """
   k = kernel.shape[0]
   m, h, w, c = g.shape
   wp = w + k - 1
-  xt = jnp.transpose(xp, (3, 1, 0, 2))                          # (C, H+k-1, M, W+k-1)
-  if jax.default_backend() == "cpu":
-    # Transposed once and stored: otherwise XLA fuses the transpose into each of the K row
-    # slices below, K strided transposing copies of the whole map.
-    xt = fusion_break(xt)
-  gt = jnp.transpose(g, (3, 1, 0, 2)).reshape(c, h * m, w)      # (C, H·M, W)
+  cpu = jax.default_backend() == "cpu"
+  xt = jnp.transpose(xp, (3, 2, 1, 0))                           # (C, W+k-1, H+k-1, M)
+  gt = jnp.transpose(g, (3, 2, 1, 0)).reshape(c, w, h * m)       # (C, W, H·M)
+  if cpu:
+    # Transposed once and stored: otherwise XLA fuses the transposes into each of the K products'
+    # operands, K strided transposing copies of the whole map.
+    xt, gt = fusion_break(xt), fusion_break(gt)
   rows = []
   for i in range(k):
-    xi = xt[:, i:i + h].reshape(c, h * m, wp)
-    p = lax.dot_general(xi, gt, (((1,), (1,)), ((0,), (0,))),
+    xi = xt[:, :, i:i + h].reshape(c, wp, h * m)
+    p = lax.dot_general(xi, gt, (((2,), (2,)), ((0,), (0,))),
                         precision=lax.Precision.HIGHEST,
                         preferred_element_type=jnp.float32)      # (C, W+k-1, W)
-    rows.append(_diagonal_sums(p, k))
+    rows.append(_diagonal_sums(rows_parallel(p) if cpu else p, k))
   return jnp.stack(rows)[:, :, None, :].astype(kernel.dtype)
 
 
