@@ -7,7 +7,9 @@ The batched products of a fine-tuning step: attention's q·kᵀ and p·v (batch 
 the stage-3 tokens; their gradients have the same shapes) and, per conv stage, one of the
 depthwise conv's kernel-gradient products (`dwconv._kernel_grad`: channels ×
 ((W+4) × (H·N)) · ((H·N) × W), five per conv block). Each is timed as JAX computes it
-(``lax.dot_general`` with batch axes: XLA:CPU hands it to YNNPACK), as one 2-D product of the
+(``lax.dot_general`` with batch axes: XLA:CPU hands it to YNNPACK, which runs it on one thread),
+followed by `dwconv.rows_parallel` (the identity; fused with a reduction over its rows, the
+product runs on every core: the depthwise kernel gradient's form), as one 2-D product of the
 same multiply-adds (the batch folded into the rows: not the same function, only the rate both
 cores give to this much work), and as ``torch.bmm``. Besides the median ms and GFLOP/s, each side's process CPU time over wall time says
 how many cores it used (2.0 = both of a 2-core machine). Prints one JSON line per product.
@@ -73,6 +75,8 @@ def main(argv=None):
 
   config = models.config_for(args.model, img_size=args.img_size)
   batched = jax.jit(lambda a, b: lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,)))))
+  rows_parallel = jax.jit(lambda a, b: models.dwconv.rows_parallel(
+      lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))))))
   flat = jax.jit(lambda a, b: a.reshape(-1, a.shape[-1]) @ b[0])
   rng = np.random.default_rng(0)
   for name, nb, m, k, n in products(config, args.batch):
@@ -82,6 +86,7 @@ def main(argv=None):
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     gflop = 2.0 * nb * m * k * n / 1e9
     sides = {"jax": lambda: jax.block_until_ready(batched(ja, jb)),
+             "jax_rows_parallel": lambda: jax.block_until_ready(rows_parallel(ja, jb)),
              "jax_2d_same_work": lambda: jax.block_until_ready(flat(ja, jb)),
              "torch_bmm": lambda: torch.bmm(ta, tb)}
     row = {"product": name, "shape": [nb, m, k, n], "gflop": round(gflop, 9)}

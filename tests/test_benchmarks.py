@@ -196,7 +196,7 @@ def test_batched_products_lines(tmp_path):
   for r in rows:
     b, m, k, n = r["shape"]
     assert r["gflop"] == pytest.approx(2 * b * m * k * n / 1e9, rel=1e-6)
-    for side in ("jax", "jax_2d_same_work", "torch_bmm"):
+    for side in ("jax", "jax_rows_parallel", "jax_2d_same_work", "torch_bmm"):
       assert r[f"{side}_ms"] > 0 and r[f"{side}_cpu_per_wall"] >= 0
       # times printed to 4 decimals of a ms, rates to 3 decimals of a GFLOP/s
       assert r[f"{side}_gflops"] == pytest.approx(r["gflop"] / r[f"{side}_ms"] * 1e3, rel=0.02,
