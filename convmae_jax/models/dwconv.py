@@ -71,8 +71,8 @@ def rows_parallel(y: jax.Array) -> jax.Array:
 
   Applied to a batched product on XLA:CPU, it makes YNNPACK run the product on every core: a
   batched product alone runs there on one thread, while a product fused with a reduction over its
-  rows is split over the batch and runs on all of them (BENCHMARKS.md, "Batched products on every
-  core")."""
+  rows is split over the batch and runs on all of them (BENCHMARKS.md, "Cores kept busy; batched
+  products on every core")."""
   return jnp.maximum(y, jnp.min(y, axis=-1, keepdims=True))
 
 
