@@ -9,9 +9,9 @@ LARS. Evaluation step (``--jobs eval``): the model's forward pass in eval mode (
 ``no_grad``). ``--dtype bfloat16``: JAX computes in bfloat16 (float32 parameters) and the twin's
 forward runs under ``torch.autocast("cpu", dtype=torch.bfloat16)``. The sides alternate A B A B
 and the medians are compared. Prints one JSON line per job and JAX variant with each side's
-median step time, images/s, the JAX/PyTorch speed ratio and how many cores each side kept busy
-(process CPU time over wall time in its timed steps: 2.0 is both cores of a 2-core machine). JAX variants (timed in turns with
-the twin): ``--dwconv_backward`` (the depthwise conv's backward forms) and ``--cpu_matmuls`` (the
+median step time, images/s, the JAX/PyTorch speed ratio and how many cores each side kept
+busy (process CPU time over wall time in its timed steps: 2.0 is both cores of a 2-core
+machine). JAX variants (timed in turns with the twin): ``--dwconv_backward`` (the depthwise conv's backward forms) and ``--cpu_matmuls`` (the
 trainer's config.cpu_matmuls, train/xla_cpu.py: which library runs XLA:CPU's matrix products;
 "auto" is what the trainer does).
 """
@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks import hostinfo  # noqa: E402
+from benchmarks import dwconv_backward, hostinfo  # noqa: E402
 from convmae_jax import interop, models  # noqa: E402
 from convmae_jax.train import losses, optim, sharding as sharding_lib, step as step_lib  # noqa: E402
 from convmae_jax.train import xla_cpu  # noqa: E402
@@ -140,25 +140,6 @@ def torch_step(job, args):
   return step
 
 
-def _kernel_grad_rows(xp, g, kernel):
-  """The depthwise kernel gradient as `models.dwconv._kernel_grad` computed it before its products
-  kept the contracted axis minor: per kernel row, the transposed input's rows against the output
-  gradient's (a product XLA:CPU gives to Eigen, on one thread), then the diagonals."""
-  k = kernel.shape[0]
-  m, h, w, c = g.shape
-  wp = w + k - 1
-  xt = models.dwconv.fusion_break(jnp.transpose(xp, (3, 1, 0, 2)))     # (C, H+k-1, M, W+k-1)
-  gt = jnp.transpose(g, (3, 1, 0, 2)).reshape(c, h * m, w)              # (C, H·M, W)
-  rows = []
-  for i in range(k):
-    xi = xt[:, i:i + h].reshape(c, h * m, wp)
-    p = jax.lax.dot_general(xi, gt, (((1,), (1,)), ((0,), (0,))),
-                            precision=jax.lax.Precision.HIGHEST,
-                            preferred_element_type=jnp.float32)          # (C, W+k-1, W)
-    rows.append(models.dwconv._diagonal_sums(p, k))
-  return jnp.stack(rows)[:, :, None, :].astype(kernel.dtype)
-
-
 def _variant_step(job, args, dwconv_backward: str, cpu_matmuls: str, batch):
   """jax_step with the depthwise conv's backward pass written out (the model's: "written"), written
   out with the kernel gradient as K² shifted products ("taps", the form before the batched
@@ -173,7 +154,7 @@ def _variant_step(job, args, dwconv_backward: str, cpu_matmuls: str, batch):
   if dwconv_backward == "taps":
     models.dwconv._kernel_grad = models.dwconv._kernel_grad_taps
   if dwconv_backward == "rows":
-    models.dwconv._kernel_grad = _kernel_grad_rows
+    models.dwconv._kernel_grad = dwconv_backward.kernel_grad_rows
   try:
     make = eval_step if job == "eval" else functools.partial(jax_step, job)
     step, params, opt, rest = make(args, cpu_matmuls)
@@ -278,7 +259,8 @@ def main():
           "torch_images_per_s": round(args.batch / t_med, 2),
           "jax_vs_torch_speed": round(t_med / j_med, 2),
           "jax_cpu_per_wall": round(cpu[v] / sum(times[v]), 2),
-          "torch_cpu_per_wall": round(tcpu / sum(tt), 2), "cores": os.cpu_count(), "jax_compile_s": round(compile_s[v], 1)}),
+          "torch_cpu_per_wall": round(tcpu / sum(tt), 2), "cores": os.cpu_count(),
+          "jax_compile_s": round(compile_s[v], 1)}),
           flush=True)
 
 

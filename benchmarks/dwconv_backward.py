@@ -1,6 +1,8 @@
 """The 5×5 depthwise conv's forward + backward on ConvViT-B's stage maps: its written-out backward
-(the model's, ``dwconv.depthwise_conv_shift``), the same with the kernel gradient as K² shifted
-products (``taps``, the form before the batched matmuls) and autodiff of the K² shifted taps, in
+(the model's, ``dwconv.depthwise_conv_shift``), the same with the kernel gradient's batched
+products contracting the rows (``rows``, their form before they kept the contracted axis minor and
+reduced their rows), with the kernel gradient as K² shifted products (``taps``, the form before
+the batched matmuls) and autodiff of the K² shifted taps, in
 one process, taking turns.
 
     python benchmarks/dwconv_backward.py                 # Base stage 1 (8,56,56,256), stage 2 (8,28,28,384)
@@ -30,20 +32,40 @@ from benchmarks import hostinfo  # noqa: E402
 from convmae_jax.models import dwconv, layers  # noqa: E402
 
 
-@jax.custom_vjp
-def _written_taps_kernel_grad(x, kernel):
-  return dwconv._shift_taps(x, kernel)
+def kernel_grad_rows(xp, g, kernel):
+  """The depthwise kernel gradient as `dwconv._kernel_grad` computed it before its products
+  kept the contracted axis minor: per kernel row, the transposed input's rows against the output
+  gradient's (a product XLA:CPU gives to Eigen, on one thread), then the diagonals."""
+  k = kernel.shape[0]
+  m, h, w, c = g.shape
+  wp = w + k - 1
+  xt = dwconv.fusion_break(jnp.transpose(xp, (3, 1, 0, 2)))    # (C, H+k-1, M, W+k-1)
+  gt = jnp.transpose(g, (3, 1, 0, 2)).reshape(c, h * m, w)       # (C, H·M, W)
+  rows = []
+  for i in range(k):
+    xi = xt[:, i:i + h].reshape(c, h * m, wp)
+    p = jax.lax.dot_general(xi, gt, (((1,), (1,)), ((0,), (0,))),
+                            precision=jax.lax.Precision.HIGHEST,
+                            preferred_element_type=jnp.float32)          # (C, W+k-1, W)
+    rows.append(dwconv._diagonal_sums(p, k))
+  return jnp.stack(rows)[:, :, None, :].astype(kernel.dtype)
 
 
-_written_taps_kernel_grad.defvjp(
-    lambda x, k: (dwconv._shift_taps(x, k), (x, k)),
-    lambda res, g: (dwconv._shift_taps(g, res[1][::-1, ::-1]),
-                    dwconv._kernel_grad_taps(dwconv._pad_hw(res[0], res[1].shape[0] // 2), g,
-                                             res[1])))
+def _written_with(kernel_grad):
+  """The shift conv with its written backward, the kernel gradient computed by ``kernel_grad``."""
+  @jax.custom_vjp
+  def conv(x, kernel):
+    return dwconv._shift_taps(x, kernel)
+
+  conv.defvjp(lambda x, k: (dwconv._shift_taps(x, k), (x, k)),
+              lambda res, g: (dwconv._shift_taps(g, res[1][::-1, ::-1]),
+                              kernel_grad(dwconv._pad_hw(res[0], res[1].shape[0] // 2), g,
+                                          res[1])))
+  return conv
 
 
-VARIANTS = {"written": dwconv.depthwise_conv_shift, "taps": _written_taps_kernel_grad,
-            "autodiff": dwconv._shift_taps}
+VARIANTS = {"written": dwconv.depthwise_conv_shift, "rows": _written_with(kernel_grad_rows),
+            "taps": _written_with(dwconv._kernel_grad_taps), "autodiff": dwconv._shift_taps}
 
 
 def main(argv=None):
