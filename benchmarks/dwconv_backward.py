@@ -6,7 +6,7 @@ the batched matmuls) and autodiff of the K² shifted taps, in
 one process, taking turns.
 
     python benchmarks/dwconv_backward.py                 # Base stage 1 (8,56,56,256), stage 2 (8,28,28,384)
-    python benchmarks/dwconv_backward.py --shapes 8x56x56x256 --rounds 7
+    python benchmarks/dwconv_backward.py --shapes 8x56x56x256 --rounds 7 --host_malloc auto
 
 Each program is ``x -> barrier(dwconv(barrier(x), k)) @ W`` summed squared, differentiated in x and
 k, as in a CBlock (the conv's output feeds a 1×1 conv; the model's gradient barriers around it).
@@ -72,7 +72,9 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--shapes", default="8x56x56x256,8x28x28x384", help="comma list of NxHxWxC")
   ap.add_argument("--rounds", type=int, default=5)
+  hostinfo.add_host_malloc_flag(ap)
   args = ap.parse_args(argv)
+  host_malloc_reuse = hostinfo.apply_host_malloc(args)     # before JAX starts its backend
   try:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     assert all(len(s) == 4 and min(s) > 0 for s in shapes)
@@ -106,6 +108,7 @@ def main(argv=None):
       print(json.dumps({"shape": list(shape), "variant": name,
                         "ms_median": round(1e3 * statistics.median(times[name]), 1),
                         "grad_max_rel_diff_vs_autodiff": rel, "cpu": hostinfo.cpu_name(),
+                        "host_malloc_reuse": host_malloc_reuse,
                         "backend": jax.default_backend()}), flush=True)
 
 
