@@ -7,6 +7,8 @@
   both operands transposed is left in the compiled program); values as XLA's derivative.
 * bfloat16 products on XLA:CPU (`matmul`, `batched_matmul`): no operand is widened to float32 in
   the compiled program (so YNNPACK's bfloat16 kernels run them); values as XLA's.
+* a kernel gradient computed as dyᵀ·x (fan_in ≥ fan_out) is transposed into one stored copy, not
+  folded into its consumers (which would each read it transposed).
 * the depthwise conv's kernel gradient on XLA:CPU: each batched product is a YNNPACK fusion that
   also reduces its rows (`dwconv.rows_parallel`, the identity bit for bit), the form YNNPACK runs
   on every core.
@@ -207,6 +209,54 @@ def test_square_kernel_gradient_does_not_recompute_the_depthwise_conv_transposed
   for a, b in zip(ours, before):
     size = float(jnp.max(jnp.abs(b)))
     assert float(jnp.max(jnp.abs(a - b))) / size < 1e-6
+
+
+def _transposing_fusions(text: str, shape: str) -> int:
+  """Fusions of a compiled program whose result has ``shape`` (e.g. "f32[96,24]") and that hold a
+  transpose: where the (fan_out, fan_in) product dyᵀ·x is read as the (fan_in, fan_out) kernel
+  gradient."""
+  comps = dict(re.findall(r"\n%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", text, flags=re.S))
+  count = 0
+  for name, body in comps.items():
+    if " transpose(" not in body:
+      continue
+    callers = re.findall(r"\n\s*%[\w.\-]+ = " + re.escape(shape) + r"\{[^\n]*calls=%" +
+                         re.escape(name) + r"[,\s]", text)
+    count += len(callers)
+  return count
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the written product is XLA:CPU's")
+def test_kernel_gradient_from_dy_transposed_is_stored_once(monkeypatch):
+  # fan_in > fan_out (an MLP's fc2): the product is dyᵀ·x (fan_out, fan_in). Its transpose is
+  # copied once; a bare .T would be folded into each consumer (an optimizer's two moment updates
+  # and the gradient norm here), each then reading the gradient transposed.
+  k = jax.random.split(jax.random.key(0), 5)
+  x = jax.random.normal(k[0], (64, 96))
+  w = jax.random.normal(k[1], (96, 24)) / 10
+  dy = jax.random.normal(k[2], (64, 24))
+  mu, nu = jax.random.normal(k[3], (96, 24)), jnp.abs(jax.random.normal(k[4], (96, 24)))
+
+  def update(x, w, dy, mu, nu):
+    dk = jax.vjp(layers.matmul, x, w)[1](dy)[1]
+    return 0.9 * mu + 0.1 * dk, 0.999 * nu + 0.001 * dk * dk, jnp.sum(dk * dk)
+
+  def compiled():
+    jax.clear_caches()      # the custom VJP's backward is traced once per function otherwise
+    fn = jax.jit(update)
+    return fn(x, w, dy, mu, nu), fn.lower(x, w, dy, mu, nu).compile().as_text()
+
+  ours, text = compiled()
+  monkeypatch.setattr(layers, "_kernel_grad_back", lambda dk_t: dk_t.T)   # the form before
+  before, text_before = compiled()
+  assert _transposing_fusions(text, "f32[96,24]") == 0
+  assert _transposing_fusions(text_before, "f32[96,24]") >= 2
+  assert text.count(" copy(") >= 1
+  for a, b in zip(ours, before):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  dk = np.asarray(x, np.float64).T @ np.asarray(dy, np.float64)
+  np.testing.assert_allclose(np.asarray(ours[0]), 0.9 * np.asarray(mu) + 0.1 * dk, rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_rows_parallel_is_the_identity():
