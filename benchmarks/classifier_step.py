@@ -11,13 +11,16 @@ forward runs under ``torch.autocast("cpu", dtype=torch.bfloat16)``. The sides al
 and the medians are compared. Prints one JSON line per job and JAX variant with each side's
 median step time, images/s, the JAX/PyTorch speed ratio and how many cores each side kept
 busy (process CPU time over wall time in its timed steps: 2.0 is both cores of a 2-core
-machine). JAX variants (timed in turns with the twin): ``--dwconv_backward`` (the depthwise conv's backward forms) and ``--cpu_matmuls`` (the
-trainer's config.cpu_matmuls, train/xla_cpu.py: which library runs XLA:CPU's matrix products;
-"auto" is what the trainer does).
+machine). JAX variants (timed in turns with the twin): ``--dwconv_backward`` (the depthwise conv's
+backward forms), ``--cpu_matmuls`` (the trainer's config.cpu_matmuls, train/xla_cpu.py: which
+library runs XLA:CPU's matrix products; "auto" is what the trainer does) and ``--kernel_grad``
+(the kernel gradient stored once, or transposed into its consumers as before); each line also
+gives the variant's last training loss.
 """
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import statistics
@@ -140,15 +143,24 @@ def torch_step(job, args):
   return step
 
 
-def _variant_step(job, args, dwconv_backward: str, cpu_matmuls: str, batch):
+def _variant_step(job, args, dwconv_backward: str, cpu_matmuls: str, kernel_grad: str, batch):
   """jax_step with the depthwise conv's backward pass written out (the model's: "written"), written
   out with the kernel gradient as K² shifted products ("taps", the form before the batched
   matmuls) or left to autodiff of its K² taps ("autodiff"), its products in the library
   ``cpu_matmuls`` names (``eval``: the evaluation forward, :func:`eval_step`), traced and compiled by
-  its first step here (for an A/B in one process). Returns (step, state after step 0, compile
-  seconds)."""
+  its first step here (for an A/B in one process). ``kernel_grad``: "stored" (the model's: a
+  kernel gradient computed as dyᵀ·x is transposed into one stored copy) or "transposed" (a bare
+  ``.T``, the form before, which XLA folds into the gradient's consumers). JAX's trace caches are
+  cleared first, so that the custom VJPs' backward passes are traced anew with the variant's
+  helpers (a backward pass traced earlier in the process can be reused otherwise: seen with
+  ``jax.vjp`` of ``layers.matmul`` under two jits). Returns (step, state after step 0, compile
+  seconds, a digest of the training step's lowered program or "")."""
+  jax.clear_caches()
   original = models.dwconv.depthwise_conv_shift
   original_kernel_grad = models.dwconv._kernel_grad
+  original_back = models.layers._kernel_grad_back
+  if kernel_grad == "transposed":
+    models.layers._kernel_grad_back = lambda dk_t: dk_t.T
   if dwconv_backward == "autodiff":
     models.dwconv.depthwise_conv_shift = models.dwconv._shift_taps
   if dwconv_backward == "taps":
@@ -158,13 +170,18 @@ def _variant_step(job, args, dwconv_backward: str, cpu_matmuls: str, batch):
   try:
     make = eval_step if job == "eval" else functools.partial(jax_step, job)
     step, params, opt, rest = make(args, cpu_matmuls)
+    program = ""
+    if hasattr(step, "lower"):     # the training steps: a digest of the traced program
+      text = step.lower(params, opt, rest, batch, np.int32(0)).as_text()
+      program = hashlib.sha1(text.encode()).hexdigest()[:12]
     t0 = time.perf_counter()
     params, opt, rest, m = step(params, opt, rest, batch, np.int32(0))
     jax.block_until_ready(m)
-    return step, (params, opt, rest), time.perf_counter() - t0
+    return step, (params, opt, rest), time.perf_counter() - t0, program
   finally:
     models.dwconv.depthwise_conv_shift = original
     models.dwconv._kernel_grad = original_kernel_grad
+    models.layers._kernel_grad_back = original_back
 
 
 def main():
@@ -188,6 +205,10 @@ def main():
   ap.add_argument("--cpu_matmuls", default="auto",
                   help="comma list of auto, ynnpack, eigen (the trainer's config.cpu_matmuls: the "
                        "library of XLA:CPU's matrix products): more JAX variants, timed in turns")
+  ap.add_argument("--kernel_grad", default="stored",
+                  help="comma list of stored (the model's: a kernel gradient computed as dyᵀ·x is "
+                       "transposed into one stored copy), transposed (a bare .T, folded by XLA into "
+                       "the gradient's consumers: the form before): more JAX variants, in turns")
   ap.add_argument("--grad_barrier", default="on", choices=("on", "off"),
                   help="off: layers.grad_barrier becomes the plain identity (to measure what it saves)")
   hostinfo.add_host_malloc_flag(ap)
@@ -202,7 +223,12 @@ def main():
   if any(v not in xla_cpu.CPU_MATMULS for v in libraries):
     ap.error(f"--cpu_matmuls {args.cpu_matmuls!r} is not valid: expected a comma list of "
              f"{', '.join(xla_cpu.CPU_MATMULS)}")
-  variants = [(b, c) for b in backward_forms for c in libraries]
+  kernel_grads = args.kernel_grad.split(",")
+  if any(v not in ("stored", "transposed") for v in kernel_grads):
+    ap.error(f"--kernel_grad {args.kernel_grad!r} is not valid: expected a comma list of stored, "
+             "transposed")
+  variants = list(dict.fromkeys((b, c, k) for b in backward_forms for c in libraries
+                                 for k in kernel_grads))     # each once: a repeat would share state
   if args.grad_barrier == "off":
     models.layers.grad_barrier = lambda x: x
 
@@ -213,14 +239,15 @@ def main():
   target = rng.dirichlet(np.ones(1000), size=args.batch).astype(np.float32)
   batch = {"image": jnp.asarray(images), "target": jnp.asarray(target)}
   for job in args.jobs.split(","):
-    sides, compile_s = {}, {}
+    sides, compile_s, programs = {}, {}, {}
     for v in variants:
-      step, state, compile_s[v] = _variant_step(job, args, *v, batch)
+      step, state, compile_s[v], programs[v] = _variant_step(job, args, *v, batch)
       sides[v] = [step, state]
     tstep = torch_step(job, args)
     timg = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     ttarget = torch.from_numpy(target)
     times = {v: [] for v in variants}
+    last = {}
     cpu = {v: 0.0 for v in variants}
     tt, tcpu = [], 0.0
     for i in range(args.warmup + args.steps):     # every side once per round, in turns
@@ -230,6 +257,7 @@ def main():
         params, opt, rest, m = step(params, opt, rest, batch, np.int32(i + 1))
         jax.block_until_ready(m)
         sides[v][1] = (params, opt, rest)
+        last[v] = m
         if i >= args.warmup:
           times[v].append(time.perf_counter() - t0)
           cpu[v] += time.process_time() - c0
@@ -246,7 +274,7 @@ def main():
           "jax_dtype": args.dtype,
           "torch_autocast": "bfloat16" if args.dtype == "bfloat16" else "off",
           "dwconv_impl": args.dwconv_impl, "dwconv_backward": v[0],
-          "cpu_matmuls": v[1], "cpu_matmuls_resolved": xla_cpu.resolve(
+          "kernel_grad": v[2], "cpu_matmuls": v[1], "cpu_matmuls_resolved": xla_cpu.resolve(
               v[1], forward_only=job != "finetune", product=xla_cpu.stage1_product(
                   models.config_for(args.model, img_size=args.img_size), args.batch),
               dtype=args.dtype) if not xla_cpu.user_flag_set() else "XLA_FLAGS",
@@ -260,7 +288,10 @@ def main():
           "jax_vs_torch_speed": round(t_med / j_med, 2),
           "jax_cpu_per_wall": round(cpu[v] / sum(times[v]), 2),
           "torch_cpu_per_wall": round(tcpu / sum(tt), 2), "cores": os.cpu_count(),
-          "jax_compile_s": round(compile_s[v], 1)}),
+          "jax_compile_s": round(compile_s[v], 1), "jax_program": programs[v],
+          # the training loss of the last step (None for the evaluation forward): variants agree
+          # to float reordering
+          "jax_loss": float(last[v]["loss"]) if isinstance(last[v], dict) else None}),
           flush=True)
 
 

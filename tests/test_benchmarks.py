@@ -1,6 +1,7 @@
 """The benchmark commands run and their figures are consistent (tiny models; no timing is asserted)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -221,6 +222,21 @@ def test_classifier_step_lines(tmp_path):
     assert r["cores"] == os.cpu_count()
     for side in ("jax", "torch"):
       assert r[f"{side}_cpu_per_wall"] > 0
+
+
+def test_classifier_step_variants_are_each_their_own_program(tmp_path):
+  # The kernel-gradient variant is a helper called inside a custom VJP's backward pass: the
+  # variant built second must not reuse the first one's traced backward (JAX caches it per
+  # function), so the two programs differ; their values are the same (a transpose either way).
+  rows = run_json_lines(["benchmarks/classifier_step.py", "--model", "convvit_tiny", "--img_size",
+                         "32", "--batch", "2", "--steps", "2", "--warmup", "0", "--jobs",
+                         "finetune", "--kernel_grad", "stored,transposed"], tmp_path)
+  assert [(r["job"], r["kernel_grad"]) for r in rows] == [("finetune", "stored"),
+                                                          ("finetune", "transposed")]
+  assert len({r["jax_program"] for r in rows}) == 2 and all(len(r["jax_program"]) == 12 for r in rows)
+  assert rows[0]["jax_loss"] == rows[1]["jax_loss"] and math.isfinite(rows[0]["jax_loss"])
+  for r in rows:
+    assert r["jax_compile_s"] > 0 and r["jax_step_s"] > 0
 
 
 def test_classifier_step_bfloat16_lines(tmp_path):

@@ -135,4 +135,10 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
                                   shardings.replicated),
                    donate_argnums=(0, 1, 2), compiler_options=compiler_options or None)
   hparams = schedule.hparams() if make_tx is not None else {}
-  return lambda p, opt, r, batch, step: jitted(p, opt, r, batch, step, hparams)
+
+  def run(p, opt, r, batch, step):
+    return jitted(p, opt, r, batch, step, hparams)
+
+  # The step's lowered program, for inspection (benchmarks hash it): run.lower(p, opt, r, batch, step).
+  run.lower = lambda p, opt, r, batch, step: jitted.lower(p, opt, r, batch, step, hparams)
+  return run
