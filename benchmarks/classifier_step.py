@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks import dwconv_backward, hostinfo  # noqa: E402
+from benchmarks import dwconv_backward as dwconv_backward_bench, hostinfo  # noqa: E402
 from convmae_jax import interop, models  # noqa: E402
 from convmae_jax.train import losses, optim, sharding as sharding_lib, step as step_lib  # noqa: E402
 from convmae_jax.train import xla_cpu  # noqa: E402
@@ -166,7 +166,7 @@ def _variant_step(job, args, dwconv_backward: str, cpu_matmuls: str, kernel_grad
   if dwconv_backward == "taps":
     models.dwconv._kernel_grad = models.dwconv._kernel_grad_taps
   if dwconv_backward == "rows":
-    models.dwconv._kernel_grad = dwconv_backward.kernel_grad_rows
+    models.dwconv._kernel_grad = dwconv_backward_bench.kernel_grad_rows
   try:
     make = eval_step if job == "eval" else functools.partial(jax_step, job)
     step, params, opt, rest = make(args, cpu_matmuls)
