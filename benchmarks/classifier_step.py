@@ -15,7 +15,7 @@ machine). JAX variants (timed in turns with the twin): ``--dwconv_backward`` (th
 backward forms), ``--cpu_matmuls`` (the trainer's config.cpu_matmuls, train/xla_cpu.py: which
 library runs XLA:CPU's matrix products; "auto" is what the trainer does) and ``--kernel_grad``
 (the kernel gradient stored once, or transposed into its consumers as before); each line also
-gives the variant's last training loss.
+gives the variant's last training loss and a digest of its lowered training step.
 """
 
 import argparse

@@ -191,7 +191,8 @@ def _matmul_cpu_bwd(res, dy):
   if _kernel_grad_transposes_x(fan_in, fan_out):
     dk = _dot(_transposed_copy(rows_x), rows_dy, (1, 0))
   else:
-    dk = _kernel_grad_back(lax.optimization_barrier(_dot(_transposed_copy(rows_dy), rows_x, (1, 0))))
+    dk_t = lax.optimization_barrier(_dot(_transposed_copy(rows_dy), rows_x, (1, 0)))
+    dk = _kernel_grad_back(dk_t)
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
@@ -199,7 +200,7 @@ def _kernel_grad_back(dk_t: jax.Array) -> jax.Array:
   """The (fan_out, fan_in) product dyᵀ·x turned into the kernel gradient (fan_in, fan_out), stored
   row-major once. A bare ``.T`` reaches XLA as a permuted layout that it folds into every
   consumer: the optimizer's moment updates and the gradient norm then each read the gradient
-  transposed, 5-10x slower than a contiguous read (BENCHMARKS.md, "The kernel gradient stored
+  transposed, several times slower than a contiguous read (BENCHMARKS.md, "The kernel gradient stored
   once")."""
   return dwconv.fusion_break(dk_t.T)
 

@@ -139,6 +139,7 @@ def build_train_step(*, graphdef, param_filter, loss_fn: LossFn, tx: optax.Gradi
   def run(p, opt, r, batch, step):
     return jitted(p, opt, r, batch, step, hparams)
 
-  # The step's lowered program, for inspection (benchmarks hash it): run.lower(p, opt, r, batch, step).
+  # The step's lowered program, for inspection (benchmarks hash it):
+  # run.lower(p, opt, r, batch, step).
   run.lower = lambda p, opt, r, batch, step: jitted.lower(p, opt, r, batch, step, hparams)
   return run
