@@ -12,7 +12,8 @@ followed by `dwconv.rows_parallel` (the identity; fused with a reduction over it
 product runs on every core: the depthwise kernel gradient's form), as one 2-D product of the
 same multiply-adds (the batch folded into the rows: not the same function, only the rate both
 cores give to this much work), and as ``torch.bmm``. Besides the median ms and GFLOP/s, each
-side's process CPU time over wall time says how many cores it used (2.0 = both of a 2-core machine). Prints one JSON line per product.
+side's process CPU time over wall time says how many cores it used (2.0 = both of a 2-core
+machine). Prints one JSON line per product.
 """
 
 import argparse

@@ -2,8 +2,7 @@
 (the model's, ``dwconv.depthwise_conv_shift``), the same with the kernel gradient's batched
 products contracting the rows (``rows``, their form before they kept the contracted axis minor and
 reduced their rows), with the kernel gradient as K² shifted products (``taps``, the form before
-the batched matmuls) and autodiff of the K² shifted taps, in
-one process, taking turns.
+the batched matmuls) and autodiff of the K² shifted taps, in one process, taking turns.
 
     python benchmarks/dwconv_backward.py                 # Base stage 1 (8,56,56,256), stage 2 (8,28,28,384)
     python benchmarks/dwconv_backward.py --shapes 8x56x56x256 --rounds 7 --host_malloc auto

@@ -211,11 +211,16 @@ def test_square_kernel_gradient_does_not_recompute_the_depthwise_conv_transposed
     assert float(jnp.max(jnp.abs(a - b))) / size < 1e-6
 
 
+def _computations(text: str) -> dict[str, str]:
+  """{name: body} of the computations in a compiled program's HLO text."""
+  return dict(re.findall(r"\n%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", text, flags=re.S))
+
+
 def _transposing_fusions(text: str, shape: str) -> int:
   """Fusions of a compiled program whose result has ``shape`` (e.g. "f32[96,24]") and that hold a
   transpose: where the (fan_out, fan_in) product dyᵀ·x is read as the (fan_in, fan_out) kernel
   gradient."""
-  comps = dict(re.findall(r"\n%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", text, flags=re.S))
+  comps = _computations(text)
   count = 0
   for name, body in comps.items():
     if " transpose(" not in body:
@@ -271,7 +276,7 @@ def test_rows_parallel_is_the_identity():
 def _batched_products(text: str) -> tuple[int, int]:
   """(batched products inside a YNNPACK fusion that also has a reduce, batched products anywhere
   else) in a compiled XLA:CPU program."""
-  comps = dict(re.findall(r"\n%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", text, flags=re.S))
+  comps = _computations(text)
   in_ynn = elsewhere = 0
   for name, body in comps.items():
     products = len(re.findall(r" dot\([^\n]*lhs_batch_dims", body))

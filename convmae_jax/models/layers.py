@@ -200,8 +200,8 @@ def _kernel_grad_back(dk_t: jax.Array) -> jax.Array:
   """The (fan_out, fan_in) product dyᵀ·x turned into the kernel gradient (fan_in, fan_out), stored
   row-major once. A bare ``.T`` reaches XLA as a permuted layout that it folds into every
   consumer: the optimizer's moment updates and the gradient norm then each read the gradient
-  transposed, several times slower than a contiguous read (BENCHMARKS.md, "The kernel gradient stored
-  once")."""
+  transposed, several times slower than a contiguous read (BENCHMARKS.md, "The kernel gradient
+  stored once")."""
   return dwconv.fusion_break(dk_t.T)
 
 
