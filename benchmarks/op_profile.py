@@ -142,7 +142,7 @@ def hlo_index(texts) -> dict:
 def jax_profile(args, images, target, dump_dir):
   from tensorflow.tsl.profiler.protobuf import xplane_pb2   # TF ships the XSpace proto
 
-  step, params, opt, rest = classifier_step.jax_step(args.job, args)
+  step, params, opt, rest = classifier_step.jax_step(args.job, args, args.cpu_matmuls)
   batch = {"image": jnp.asarray(images), "target": jnp.asarray(target)}
   for i in range(args.warmup):
     params, opt, rest, m = step(params, opt, rest, batch, np.int32(i))
@@ -297,6 +297,9 @@ def main(argv=None):
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--dwconv_impl", default="auto", choices=("auto", "shift", "lax"),
                   help="the JAX model's depthwise conv (auto: shift on CPU)")
+  ap.add_argument("--cpu_matmuls", default="auto", choices=("auto", "ynnpack", "eigen"),
+                  help="the trainer's config.cpu_matmuls for the JAX step (Eigen's products are "
+                       "not in the trace: see above)")
   ap.add_argument("--steps", type=int, default=2, help="profiled steps per side")
   ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
   ap.add_argument("--top", type=int, default=20, help="operations listed per side")
