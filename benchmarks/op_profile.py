@@ -44,6 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import classifier_step, hostinfo  # noqa: E402
+from convmae_jax.train import xla_cpu  # noqa: E402
 
 CATEGORIES = ("matmul", "convolution", "depthwise_conv", "reduction", "transcendental",
               "elementwise", "copy_transpose", "gather_scatter", "optimizer", "other")
@@ -297,7 +298,7 @@ def main(argv=None):
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--dwconv_impl", default="auto", choices=("auto", "shift", "lax"),
                   help="the JAX model's depthwise conv (auto: shift on CPU)")
-  ap.add_argument("--cpu_matmuls", default="auto", choices=("auto", "ynnpack", "eigen"),
+  ap.add_argument("--cpu_matmuls", default="auto", choices=xla_cpu.CPU_MATMULS,
                   help="the trainer's config.cpu_matmuls for the JAX step (Eigen's products are "
                        "not in the trace: see above)")
   ap.add_argument("--steps", type=int, default=2, help="profiled steps per side")
