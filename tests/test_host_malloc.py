@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A child process: host_malloc.apply(MODE) (before or after JAX starts), then a program whose
 # 100 MB output is allocated by every run and freed before the next; prints the minor page faults
-# of the last eight of twenty runs, whether the options were set, the log line and a checksum of
+# of the last twenty of forty runs, whether the options were set, the log line and a checksum of
 # the output.
 _CHILD = r"""
 import json, resource, sys
@@ -28,14 +28,14 @@ line = host_malloc.apply(mode)
 x = jnp.arange(6144 * 4096, dtype=jnp.float32).reshape(6144, 4096) * 1e-6
 f = jax.jit(lambda x: jnp.sin(x) * 2.0 + x)
 faults = []
-for i in range(20):
+for i in range(40):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   y = f(x)
   y.block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
   total = float(jnp.sum(y[::97, ::89]))
   y.delete()     # freed now, before the next run allocates
-print(json.dumps({"faults": faults[12:], "reusing": host_malloc.reusing(), "line": line,
+print(json.dumps({"faults": faults[20:], "reusing": host_malloc.reusing(), "line": line,
                   "total": total}))
 """
 
@@ -61,9 +61,10 @@ def test_reuse_removes_the_page_faults_of_each_run_and_changes_no_value():
   assert "JAX's backend was already running" in late["line"]
   # glibc's defaults map each run's 100 MB output afresh (a fault per page), every run. Reused,
   # most runs fault nothing; some still grow the heap, when a small allocation has taken a piece of
-  # the freed block first (on a loaded machine, in the first dozen runs).
+  # the freed block first. That settles: on a loaded 2-core machine, 2-13 of the first twenty runs
+  # faulted and 0-3 of the next twenty (24 children); runs 12-19 alone had up to 4 of 8.
   assert min(system["faults"]) >= pages // 2 and min(late["faults"]) >= pages // 2
-  assert sum(f <= pages // 50 for f in reuse["faults"]) >= 6
+  assert sum(f <= pages // 50 for f in reuse["faults"]) >= 14
   assert reuse["total"] == system["total"] == late["total"]
 
 
