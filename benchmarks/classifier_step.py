@@ -8,7 +8,9 @@ runs it). Linear-probe step: the frozen encoder forward (no backward through it)
 LARS. Evaluation step (``--jobs eval``): the model's forward pass in eval mode (PyTorch under
 ``no_grad``). ``--dtype bfloat16``: JAX computes in bfloat16 (float32 parameters) and the twin's
 forward runs under ``torch.autocast("cpu", dtype=torch.bfloat16)``. The sides alternate A B A B
-and the medians are compared. Prints one JSON line per job and JAX variant with each side's
+and the medians of the timed rounds are compared, after untimed ones (``--warmup``: 2 for a
+training step, 16 for a forward-only one, whose host heap settles over its first ~15 steps).
+Prints one JSON line per job and JAX variant with each side's
 median step time, images/s, the JAX/PyTorch speed ratio and how many cores each side kept
 busy (process CPU time over wall time in its timed steps: 2.0 is both cores of a 2-core
 machine). JAX variants (timed in turns with the twin): ``--dwconv_backward`` (the depthwise conv's
@@ -190,7 +192,9 @@ def main():
   ap.add_argument("--img_size", type=int, default=224)
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--steps", type=int, default=5)
-  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--warmup", type=int, default=None,
+                  help="untimed rounds first (default: 2 for finetune; 16 for linprobe and eval, "
+                       "whose host heap settles over their first ~15 steps, BENCHMARKS.md)")
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                   help="JAX compute dtype; bfloat16 runs the twin under CPU autocast")
   ap.add_argument("--jobs", default="finetune,linprobe",
@@ -250,7 +254,8 @@ def main():
     last = {}
     cpu = {v: 0.0 for v in variants}
     tt, tcpu = [], 0.0
-    for i in range(args.warmup + args.steps):     # every side once per round, in turns
+    warmup = args.warmup if args.warmup is not None else (2 if job == "finetune" else 16)
+    for i in range(warmup + args.steps):          # every side once per round, in turns
       for v in variants:
         step, (params, opt, rest) = sides[v]
         t0, c0 = time.perf_counter(), time.process_time()
@@ -258,12 +263,12 @@ def main():
         jax.block_until_ready(m)
         sides[v][1] = (params, opt, rest)
         last[v] = m
-        if i >= args.warmup:
+        if i >= warmup:
           times[v].append(time.perf_counter() - t0)
           cpu[v] += time.process_time() - c0
       t0, c0 = time.perf_counter(), time.process_time()
       tstep(timg, ttarget)
-      if i >= args.warmup:
+      if i >= warmup:
         tt.append(time.perf_counter() - t0)
         tcpu += time.process_time() - c0
     t_med = statistics.median(tt)
@@ -271,7 +276,7 @@ def main():
       j_med = statistics.median(times[v])
       print(json.dumps({
           "job": job, "model": args.model, "img_size": args.img_size, "batch": args.batch,
-          "jax_dtype": args.dtype,
+          "jax_dtype": args.dtype, "steps": args.steps, "warmup": warmup,
           "torch_autocast": "bfloat16" if args.dtype == "bfloat16" else "off",
           "dwconv_impl": args.dwconv_impl, "dwconv_backward": v[0],
           "kernel_grad": v[2], "cpu_matmuls": v[1], "cpu_matmuls_resolved": xla_cpu.resolve(

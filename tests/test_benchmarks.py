@@ -213,6 +213,7 @@ def test_classifier_step_lines(tmp_path):
       ("linprobe", "auto", "ynnpack"), ("linprobe", "eigen", "eigen"),     # tiny: YNNPACK
       ("eval", "auto", "ynnpack"), ("eval", "eigen", "eigen")]
   for r in rows:
+    assert (r["steps"], r["warmup"]) == (1, 0)
     assert r["jax_step_s"] > 0 and r["torch_step_s"] > 0
     # the ratio is printed to 2 decimals, the times to 6
     assert r["jax_vs_torch_speed"] == pytest.approx(r["torch_step_s"] / r["jax_step_s"], rel=0.001, abs=0.0051)
@@ -245,10 +246,13 @@ def test_classifier_step_variants_are_each_their_own_program(tmp_path):
 
 def test_classifier_step_bfloat16_lines(tmp_path):
   rows = run_json_lines(["benchmarks/classifier_step.py", "--model", "convvit_tiny", "--img_size",
-                         "32", "--batch", "2", "--steps", "1", "--warmup", "0", "--jobs",
-                         "finetune,eval", "--dtype", "bfloat16"], tmp_path)
+                         "32", "--batch", "2", "--steps", "1", "--jobs", "finetune,eval",
+                         "--dtype", "bfloat16"], tmp_path)
   assert [(r["job"], r["jax_dtype"], r["torch_autocast"]) for r in rows] == [
       ("finetune", "bfloat16", "bfloat16"), ("eval", "bfloat16", "bfloat16")]
+  # Without --warmup: 2 untimed rounds for a training step, 16 for a forward-only one (its heap
+  # settles over the first ~15 steps).
+  assert [(r["steps"], r["warmup"]) for r in rows] == [(1, 2), (1, 16)]
   for r in rows:
     assert r["jax_step_s"] > 0 and r["torch_step_s"] > 0
 
