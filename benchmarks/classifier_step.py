@@ -3,21 +3,21 @@
     python benchmarks/classifier_step.py --model convvit_base --img_size 224 --batch 8 --steps 5
 
 Fine-tuning step: forward + backward + AdamW with layer-wise lr decay, drop path 0.1, soft-target
-cross entropy on mixup-style soft targets (the JAX step is `train.step.build_train_step`, as the trainer
-runs it). Linear-probe step: the frozen encoder forward (no backward through it) + BatchNorm + head +
-LARS. Evaluation step (``--jobs eval``): the model's forward pass in eval mode (PyTorch under
-``no_grad``). ``--dtype bfloat16``: JAX computes in bfloat16 (float32 parameters) and the twin's
-forward runs under ``torch.autocast("cpu", dtype=torch.bfloat16)``. The sides alternate A B A B
-and the medians of the timed rounds are compared, after untimed ones (``--warmup``: 2 for a
-training step, 16 for a forward-only one, whose host heap settles over its first ~15 steps).
-Prints one JSON line per job and JAX variant with each side's
-median step time, images/s, the JAX/PyTorch speed ratio and how many cores each side kept
-busy (process CPU time over wall time in its timed steps: 2.0 is both cores of a 2-core
-machine). JAX variants (timed in turns with the twin): ``--dwconv_backward`` (the depthwise conv's
-backward forms), ``--cpu_matmuls`` (the trainer's config.cpu_matmuls, train/xla_cpu.py: which
-library runs XLA:CPU's matrix products; "auto" is what the trainer does) and ``--kernel_grad``
-(the kernel gradient stored once, or transposed into its consumers as before); each line also
-gives the variant's last training loss and a digest of its lowered training step.
+cross entropy on mixup-style soft targets (the JAX step is `train.step.build_train_step`, as the
+trainer runs it). Linear-probe step: the frozen encoder forward (no backward through it) +
+BatchNorm + head + LARS. Evaluation step (``--jobs eval``): the model's forward pass in eval mode
+(PyTorch under ``no_grad``). ``--dtype bfloat16``: JAX computes in bfloat16 (float32 parameters)
+and the twin's forward runs under ``torch.autocast("cpu", dtype=torch.bfloat16)``. The sides
+alternate A B A B and the medians of the timed rounds are compared, after untimed ones
+(``--warmup``: 2 for a training step, 16 for a forward-only one, whose host heap settles over its
+first ~15 steps). Prints one JSON line per job and JAX variant with each side's median step time,
+images/s, the JAX/PyTorch speed ratio and how many cores each side kept busy (process CPU time over
+wall time in its timed steps: 2.0 is both cores of a 2-core machine). JAX variants (timed in turns
+with the twin): ``--dwconv_backward`` (the depthwise conv's backward forms), ``--cpu_matmuls`` (the
+trainer's config.cpu_matmuls, train/xla_cpu.py: which library runs XLA:CPU's matrix products;
+"auto" is what the trainer does) and ``--kernel_grad`` (the kernel gradient stored once, or
+transposed into its consumers as before); each line also gives the variant's last training loss and
+a digest of its lowered training step.
 """
 
 import argparse
