@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from convmae_jax import configs, models
-from convmae_jax.train import optim, schedule, trainer, validation
+from convmae_jax.train import optim, precision, schedule, trainer, validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,7 +81,7 @@ def test_pretrain_config_is_the_official_recipe():
     ("batch_size", 30, r"batch_size=30 .*not divisible by the data-parallel size 8.*\[24, 32\]"),
     ("model", "convmae_gigantic", r"model='convmae_gigantic' .*accepted: \[.*'convmae_base'"),
     ("dataset", "imagenet2013", r"dataset='imagenet2013' .*accepted: \['imagenet2012'"),
-    ("dtype", "float16", r"dtype='float16' .*\['float32', 'bfloat16'\]"),
+    ("dtype", "float16", r"dtype='float16' .*\['auto', 'float32', 'bfloat16'\]"),
 ])
 def test_config_errors_name_the_value_before_any_compute(tmp_path, field, value, match):
   c = load_config("demo")
@@ -158,8 +158,10 @@ def test_weight_decay_set_is_the_official_one():
 
 def test_model_kwargs_placeholders_override_only_what_is_set():
   c = load_config("pretrain", "small")
+  assert c.dtype == "auto"
   assert validation.model_overrides(c) == {"img_size": 224, "mask_ratio": 0.75,
-                                           "norm_pix_loss": True, "dtype": "bfloat16"}
+                                           "norm_pix_loss": True,
+                                           "dtype": precision.resolve("auto")[0]}
   c.model_kwargs.depths = (1, 1, 3)
   c.model_kwargs.decoder_depth = 2
   kwargs = validation.model_overrides(c)

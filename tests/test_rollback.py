@@ -18,7 +18,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from convmae_jax import checkpoints, configs
-from convmae_jax.train import ConfigError, NonFiniteLossError, trainer, validation
+from convmae_jax.train import ConfigError, NonFiniteLossError, precision, trainer, validation
 from convmae_jax.train.jobs.classify import Classify
 from convmae_jax.train.jobs.pretrain import Pretrain
 
@@ -161,8 +161,11 @@ def test_float32_replay_then_bfloat16_again(tmp_path, monkeypatch, caplog):
 
 def test_a_permanent_fault_stops_after_max_rollbacks(tmp_path, monkeypatch, caplog):
   opened = poison(monkeypatch, 3, permanent=True)
-  with caplog.at_level("WARNING"), pytest.raises(NonFiniteLossError) as info:
-    run(tmp_path, max_rollbacks=2, rollback_fp32_steps=2)
+  # dtype "auto" on a CPU without bfloat16 arithmetic is float32, for the rollback too.
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setattr(precision, "cpu_flags", lambda *a, **k: {"avx2", "fma"})
+  with caplog.at_level("INFO"), pytest.raises(NonFiniteLossError) as info:
+    run(tmp_path, max_rollbacks=2, rollback_fp32_steps=2, dtype="auto")
   message = str(info.value)
   assert message.startswith("Loss is nan at step 3 (grad norm nan) after 2 rollbacks in a row to "
                             "the checkpoint of step 2 in ")
@@ -171,8 +174,11 @@ def test_a_permanent_fault_stops_after_max_rollbacks(tmp_path, monkeypatch, capl
   lines = [r.getMessage() for r in caplog.records if "rolled back" in r.getMessage()]
   assert [line.split(":")[0] for line in lines] == ["step 3", "step 3"]
   assert "Rollback 2 of at most 2 in a row, 2 in all." in lines[1]
-  # (float32 is the config's dtype here: the replay has nothing to change.)
+  # (float32 is the compute dtype here: the replay has nothing to change.)
   assert "nothing else changed (already float32)" in lines[0]
+  assert ("Compute dtype: float32 (config.dtype='auto': CPU only, and this CPU has no bfloat16 "
+          "arithmetic (avx512_bf16 or amx_bf16), where bfloat16 is slower than float32).") in [
+              r.getMessage() for r in caplog.records]
   assert checkpoints.latest_step(tmp_path) == 2
   assert all(np.all(np.isfinite(x)) for x in arrays(tmp_path, 2) if x.dtype.kind == "f")
 

@@ -47,7 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_classes = 1000            # must equal the dataset's number of classes
   c.global_pool = True            # mean of the stage-3 tokens -> fc_norm -> head (official default)
   c.drop_path_rate = 0.1          # stochastic depth, linear over all 15 blocks
-  c.dtype = "bfloat16"            # compute dtype ("float32" | "bfloat16"); params stay float32
+  # Compute dtype: "auto" (bfloat16 on GPU/TPU and on CPUs with AVX512-BF16 or AMX, float32 on
+  # other CPUs: train/precision.py) | "float32" | "bfloat16"; parameters stay float32.
+  c.dtype = "auto"
   c.remat = False                 # recompute activations in the backward pass (less memory)
   c.cpu_matmuls = "auto"          # XLA:CPU matrix products: "auto" | "ynnpack" | "eigen" (train/xla_cpu.py)
   c.host_malloc = "auto"          # reuse freed host memory on CPU: "auto" | "reuse" | "system" (host_malloc.py)

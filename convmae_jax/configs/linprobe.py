@@ -6,12 +6,12 @@ r"""Linear probing of a pretrained ConvMAE encoder on ImageNet-1k, the official 
 
 Expected result (Base, 1600-epoch pretraining): 70.9% top-1 on ImageNet-1k validation.
 
-Recipe: the encoder is frozen (and runs in bfloat16; no gradient reaches it), BatchNorm without
-affine (eps 1e-6; batch statistics in training, running ones in evaluation) + a linear head
-initialised N(0, 0.01), trained with LARS (momentum 0.9, trust coefficient 0.001, no weight decay),
-lr = 0.1 * batch / 256 (1.6 at 4096), 10 warmup epochs then a half-cosine, 90 epochs, global batch
-4096; one RandomResizedCrop draw (scale 0.08-1, no retry loop, bicubic) + flip; evaluation resize
-256 + center crop 224; plain cross entropy.
+Recipe: the encoder is frozen (and runs in the compute dtype, bfloat16 on accelerators; no gradient
+reaches it), BatchNorm without affine (eps 1e-6; batch statistics in training, running ones in
+evaluation) + a linear head initialised N(0, 0.01), trained with LARS (momentum 0.9, trust
+coefficient 0.001, no weight decay), lr = 0.1 * batch / 256 (1.6 at 4096), 10 warmup epochs then a
+half-cosine, 90 epochs, global batch 4096; one RandomResizedCrop draw (scale 0.08-1, no retry loop,
+bicubic) + flip; evaluation resize 256 + center crop 224; plain cross entropy.
 
 ``global_pool`` defaults to False as in main_linprobe.py, whose quirk is that the feature is then
 token 0 after the pretrained final norm: there is no class token, so that is the top-left patch

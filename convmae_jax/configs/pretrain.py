@@ -51,7 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # FastConvMAE: split each image's tokens into 1/(1 - mask_ratio) complementary visible groups
   # that cover it once; the loss averages the groups (configs/fastconvmae.py has its recipe).
   c.complementary_masks = False
-  c.dtype = "bfloat16"            # compute dtype ("float32" | "bfloat16"); params stay float32
+  # Compute dtype: "auto" (bfloat16 on GPU/TPU and on CPUs with AVX512-BF16 or AMX, float32 on
+  # other CPUs: train/precision.py) | "float32" | "bfloat16"; parameters stay float32.
+  c.dtype = "auto"
   c.remat = False                 # recompute activations in the backward pass (less memory)
   c.cpu_matmuls = "auto"          # XLA:CPU matrix products: "auto" | "ynnpack" | "eigen" (train/xla_cpu.py)
   c.host_malloc = "auto"          # reuse freed host memory on CPU: "auto" | "reuse" | "system" (host_malloc.py)

@@ -23,7 +23,8 @@ sliding windows of 512 every 341 pixels. Data: TFDS ``scene_parse150`` (image + 
 Where this differs from mmseg (``data/segmentation.py``): evaluation runs at the test resolution
 against the label map resized to it (mmseg resizes logits back to the original size), on a fixed
 ``eval_canvas`` into which larger images are shrunk; the photometric HSV steps use a float HSV
-conversion. mmseg's apex fp16 is bfloat16 here (``dtype``).
+conversion. mmseg's apex fp16 is bfloat16 here (``dtype``; "auto" picks it where the hardware
+computes in it).
 """
 
 import ml_collections
@@ -48,7 +49,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   })
   c.crop_size = 512               # training crop = the model's input side (pixels, multiple of 16)
   c.drop_path_rate = 0.2
-  c.dtype = "bfloat16"            # compute dtype; params, BN statistics and the loss stay float32
+  # Compute dtype: "auto" (bfloat16 on GPU/TPU and on CPUs with AVX512-BF16 or AMX, float32 on
+  # other CPUs: train/precision.py) | "float32" | "bfloat16"; params, BN statistics and the loss
+  # stay float32.
+  c.dtype = "auto"
   c.remat = False                 # recompute backbone blocks in the backward pass (less memory)
   c.cpu_matmuls = "auto"          # XLA:CPU matrix products: "auto" | "ynnpack" | "eigen" (train/xla_cpu.py)
   c.host_malloc = "auto"          # reuse freed host memory on CPU: "auto" | "reuse" | "system" (host_malloc.py)

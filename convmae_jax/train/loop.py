@@ -34,7 +34,7 @@ from convmae_jax.train import input_pipeline, logs, optim, peers, schedule as sc
 from convmae_jax.train import sharding as sharding_lib
 from convmae_jax.train import state as state_lib
 from convmae_jax.train import workdir as workdir_lib
-from convmae_jax.train import xla_cpu
+from convmae_jax.train import precision, xla_cpu
 from convmae_jax.train.errors import BadRecordsError, ConfigError, RollbackRequest
 from convmae_jax.train.metrics import MetricsWindow, min_examples_for_bad_check
 from convmae_jax.train.profiler import Profiler
@@ -228,6 +228,8 @@ def run(job: Job, workdir: str, *, on_log=None) -> TrainResult:
         config, job.plan.model_config, job.plan.mesh_shape, forward_only=job.forward_only_step,
         batch_size=config.batch_size // config.grad_accum_steps)
     logging.info("Training step: %s.", line)
+    logging.info("Compute dtype: %s (%s).", xla_cpu.compute_dtype(job.plan.model_config),
+                 precision.resolve(config.get("dtype", "float32"))[1])
 
     def make_step(graphdef_):
       return build_train_step(
@@ -245,7 +247,7 @@ def run(job: Job, workdir: str, *, on_log=None) -> TrainResult:
       # The float32 step exists only once a rollback asks for it: the same state trees (parameters
       # are float32 in both), a graph whose compute dtype is float32.
       recovery = Rollback(
-          dtype=config.dtype, fp32_steps=config.get("rollback_fp32_steps", 0),
+          dtype=xla_cpu.compute_dtype(job.plan.model_config), fp32_steps=config.get("rollback_fp32_steps", 0),
           max_rollbacks=config.get("max_rollbacks", 3),
           restore=lambda step: restore(ckpt_mgr, step),
           initial_state=lambda: _initial_state(job, graphdef, sh, tx),

@@ -14,11 +14,11 @@ import jax
 from convmae_jax import host_malloc, models
 from convmae_jax.train.errors import ConfigError
 from convmae_jax.train import sharding as sharding_lib
-from convmae_jax.train import xla_cpu
+from convmae_jax.train import precision, xla_cpu
 
 # The datasets this project documents; any other registered TFDS image dataset is accepted too.
 KNOWN_DATASETS = ("imagenet2012", "convmae_demo_photos", "convmae_demo_digits")
-DTYPES = ("float32", "bfloat16")
+DTYPES = precision.DTYPES           # config.dtype: "auto" resolves per machine (train/precision.py)
 # config.nonfinite: what a non-finite loss does (train/metrics.py, train/rollback.py).
 NONFINITE = ("stop", "skip", "rollback")
 # Top-level config fields that set model fields; model_kwargs must not set them as well.
@@ -54,6 +54,15 @@ def _is_registered_dataset(name: Any) -> bool:
     return False
 
 
+def compute_dtype(config) -> str:
+  """The model's compute dtype for ``config.dtype`` ("auto" resolved for this process, see
+  ``precision.resolve``); a ConfigError naming a value that is not accepted."""
+  try:
+    return precision.resolve(config.dtype)[0]
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def model_overrides(config) -> dict[str, Any]:
   """The keyword overrides passed to ``models.create(config.model, ...)``."""
   # None = the model size's own value (configs declare every size field as a typed placeholder).
@@ -67,7 +76,7 @@ def model_overrides(config) -> dict[str, Any]:
     if isinstance(value, list):
       kwargs[key] = tuple(value)
   kwargs.update(img_size=config.image_size, mask_ratio=config.mask_ratio,
-                norm_pix_loss=config.norm_pix_loss, dtype=config.dtype)
+                norm_pix_loss=config.norm_pix_loss, dtype=compute_dtype(config))
   if config.get("complementary_masks", False):
     kwargs["complementary_masks"] = True
   return kwargs
@@ -225,8 +234,7 @@ def validate_config(config, *, num_devices: int | None = None,
   stride = math.prod(kwargs.get("patch_sizes", default_patches))
   _check_image_size(config.image_size, stride)
 
-  if config.dtype not in DTYPES:
-    raise ConfigError(f"config.dtype={config.dtype!r} is not accepted; use one of {list(DTYPES)}.")
+  compute_dtype(config)
 
   mesh_shape = _check_mesh_batch_steps(config, num_devices, process_count)
   _check_knn(config, mesh_shape, process_count)
@@ -265,8 +273,7 @@ def validate_classification_config(config, *, num_devices: int | None = None,
   if not _is_registered_dataset(config.dataset):
     raise ConfigError(f"config.dataset={config.dataset!r} is not a known dataset; accepted: "
                       f"{list(KNOWN_DATASETS)} or another TFDS image classification dataset name.")
-  if config.dtype not in DTYPES:
-    raise ConfigError(f"config.dtype={config.dtype!r} is not accepted; use one of {list(DTYPES)}.")
+  compute_dtype(config)
   kwargs = {k: v for k, v in dict(config.get("model_kwargs", None) or {}).items() if v is not None}
   for model_field, config_field in _CLASSIFIER_FIELDS_FROM_CONFIG.items():
     if model_field in kwargs and kwargs[model_field] != config[config_field]:
@@ -274,6 +281,7 @@ def validate_classification_config(config, *, num_devices: int | None = None,
                         f"config.{config_field}={config[config_field]!r}; set config.{config_field} only.")
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   kwargs.update({m: config[c] for m, c in _CLASSIFIER_FIELDS_FROM_CONFIG.items()})
+  kwargs["dtype"] = compute_dtype(config)
   kwargs["head_batchnorm"] = job == "linprobe"
   stride = math.prod(kwargs.get("patch_sizes", (4, 2, 2)))
   _check_image_size(config.image_size, stride)

@@ -76,12 +76,11 @@ def validate_segmentation_config(config, *, num_devices: int | None = None,
     raise ConfigError(f"config.dataset={config.dataset!r} is not a known dataset; accepted: "
                       "'scene_parse150', 'convmae_demo_segments' or another TFDS dataset with an "
                       "image and a segmentation mask feature.")
-  if config.dtype not in validation.DTYPES:
-    raise ConfigError(f"config.dtype={config.dtype!r} is not accepted; use one of "
-                      f"{list(validation.DTYPES)}.")
+  dtype = validation.compute_dtype(config)
   kwargs = {k: v for k, v in dict(config.get("model_kwargs", None) or {}).items() if v is not None}
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   kwargs.update({m: config[c] for m, c in _BACKBONE_FROM_CONFIG.items()})
+  kwargs["dtype"] = dtype
   try:
     backbone = models.config_for(config.model, **kwargs)
     head = upernet.head_config_from({k: config[k] for k in _HEAD_FIELDS})
