@@ -228,7 +228,8 @@ def run(job: Job, workdir: str, *, on_log=None) -> TrainResult:
         config, job.plan.model_config, job.plan.mesh_shape, forward_only=job.forward_only_step,
         batch_size=config.batch_size // config.grad_accum_steps)
     logging.info("Training step: %s.", line)
-    logging.info("Compute dtype: %s (%s).", xla_cpu.compute_dtype(job.plan.model_config),
+    dtype = xla_cpu.compute_dtype(job.plan.model_config)   # config.dtype "auto" resolved
+    logging.info("Compute dtype: %s (%s).", dtype,
                  precision.resolve(config.get("dtype", "float32"))[1])
 
     def make_step(graphdef_):
@@ -247,7 +248,7 @@ def run(job: Job, workdir: str, *, on_log=None) -> TrainResult:
       # The float32 step exists only once a rollback asks for it: the same state trees (parameters
       # are float32 in both), a graph whose compute dtype is float32.
       recovery = Rollback(
-          dtype=xla_cpu.compute_dtype(job.plan.model_config), fp32_steps=config.get("rollback_fp32_steps", 0),
+          dtype=dtype, fp32_steps=config.get("rollback_fp32_steps", 0),
           max_rollbacks=config.get("max_rollbacks", 3),
           restore=lambda step: restore(ckpt_mgr, step),
           initial_state=lambda: _initial_state(job, graphdef, sh, tx),
